@@ -1,0 +1,1344 @@
+#!/usr/bin/env python3
+"""gan_mnist: train a GAN on MNIST, watch it learn, sample from it, measure it.
+
+    python gan_mnist.py --epochs 200                       # train; everything lands in outputs/<run>/
+    python gan_mnist.py --resume outputs/<run>/checkpoints/last.pt --epochs 300
+    python gan_mnist.py generate --checkpoint outputs/<run>/generator.pt --out digits.png
+    python gan_mnist.py evaluate --checkpoint outputs/<run>/generator.pt
+
+The recipe is the classic tutorial's: an MLP generator (z 100 -> 256 -> 512 -> 1024 -> 784, LeakyReLU 0.2,
+Tanh) against an MLP discriminator (784 -> 512 -> 256 -> 1, LeakyReLU 0.2), alternating binary
+cross-entropy updates with Adam (lr 2e-4, betas 0.5/0.999), batch 64, images in [-1, 1].
+
+Sections: 1 config, 2 data, 3 models, 4 training, 5 evaluation, 6 outputs, 7 commands.
+"""
+
+from __future__ import annotations
+
+import os
+
+# OpenMP threads that spin while waiting collapse throughput 10-20x as soon as another process holds a
+# core (measured on a 2-core machine, see README). Must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import math
+import pickle
+import shutil
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch import Tensor, nn
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+try:  # advisory file locks; absent on Windows, where a second run on one folder is not detected
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+CHECKPOINT_FORMAT = "gan_mnist.checkpoint"
+GENERATOR_FORMAT = "gan_mnist.generator"
+JUDGE_FORMAT = "gan_mnist.judge"
+FORMAT_VERSION = 1
+NUM_CLASSES = 10
+IMAGE_SHAPE = (1, 28, 28)
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+class GanError(Exception):
+    """A problem the user can fix: reported as one line on stderr with a non-zero exit, no traceback."""
+
+
+# ============================================================================================ 1. config
+
+
+def _f(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class Config:
+    # the recipe
+    epochs: int = _f(200, "total number of epochs; with --resume, the total to continue up to")
+    batch_size: int = _f(64, "images per training step")
+    lr: float = _f(2e-4, "Adam learning rate of both networks")
+    b1: float = _f(0.5, "Adam beta1 of both networks")
+    b2: float = _f(0.999, "Adam beta2 of both networks")
+    latent_dim: int = _f(100, "size of the noise vector z")
+    conditional: bool = _f(False, "train a class-conditional GAN (G and D both see the digit label)")
+    ema_decay: float = _f(
+        0.999,
+        "decay of an exponential moving average of G's weights used for "
+        "samples, generator.pt, generate and evaluate (0 = off)",
+    )
+    # data and run
+    data_dir: str = _f("./data", "folder holding MNIST/raw/ (downloaded there when absent)")
+    out_dir: str = _f("", "run folder (default: a new outputs/run-YYYYmmdd-HHMMSS)", metavar="DIR")
+    subset: int = _f(0, "train on the first N training images only (0 = all 60000)", metavar="N")
+    seed: int = _f(1, "random seed for weights, noise and data order")
+    device: str = _f("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    threads: int = _f(0, "CPU threads for torch (0 = auto: 1 per physical core, at most 4)")
+    cuda_graph: bool = _f(False, "on CUDA, capture each training step as one CUDA graph (eager elsewhere)")
+    # outputs
+    sample_every: int = _f(1, "save a sample grid every N epochs", metavar="N")
+    checkpoint_every: int = _f(10, "keep a checkpoints/epoch_NNNN.pt every N epochs", metavar="N")
+    keep_checkpoints: int = _f(5, "keep only the newest N periodic checkpoints (0 = keep all)", metavar="N")
+    eval_every: int = _f(0, "evaluate every N epochs into metrics.csv (0 = once at the end, -1 = never)", metavar="N")
+    eval_num: int = _f(10000, "generated digits per evaluation", metavar="N")
+    judge: str = _f("", "judge network cache (default: DATA_DIR/MNIST/gan_mnist_judge.pt)", metavar="PATH")
+    resume: str = _f(
+        "", "continue the run saved in this checkpoint (e.g. outputs/run/checkpoints/last.pt)", metavar="PATH"
+    )
+    quiet: bool = _f(False, "no progress bar; print only the per-epoch summaries")
+    debug: bool = _f(False, "show the full traceback of an error")
+
+
+# A resumed run must keep these: they define the model or the data stream that the checkpoint continues.
+RUN_DEFINING = ("latent_dim", "conditional", "batch_size", "subset", "seed", "ema_decay")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _device_arg(text: str) -> str:
+    if text != "auto":
+        try:
+            torch.device(text)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"unknown device {text!r} (auto, cpu, cuda, cuda:N, mps)") from None
+    return text
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gan_mnist.py",
+        description="Train a GAN on MNIST. Other commands: 'generate' and 'evaluate' "
+        "(see gan_mnist.py generate --help).",
+    )
+    for f in dataclasses.fields(Config):
+        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        # SUPPRESS keeps flags the user did not type out of the namespace, which is how --resume knows
+        # which settings to take from the command line and which from the checkpoint.
+        if f.type in ("bool", bool):
+            parser.add_argument(_flag(f.name), action="store_true", default=argparse.SUPPRESS, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            if f.name == "device":
+                kind = _device_arg
+            parser.add_argument(
+                _flag(f.name), type=kind, default=argparse.SUPPRESS, help=help_text, metavar=f.metadata.get("metavar")
+            )
+    return parser
+
+
+def check_config(cfg: Config) -> str | None:
+    """Returns what is wrong with a configuration, or None."""
+    rules = [
+        (cfg.epochs > 0, "--epochs must be a positive integer"),
+        (cfg.batch_size > 0, "--batch-size must be a positive integer"),
+        (cfg.lr > 0 and math.isfinite(cfg.lr), "--lr must be a positive number"),
+        (0 <= cfg.b1 < 1, "--b1 must be in [0, 1)"),
+        (0 <= cfg.b2 < 1, "--b2 must be in [0, 1)"),
+        (cfg.latent_dim > 0, "--latent-dim must be a positive integer"),
+        (0 <= cfg.ema_decay < 1, "--ema-decay must be in [0, 1)"),
+        (cfg.subset >= 0, "--subset must be >= 0"),
+        (
+            cfg.subset == 0 or cfg.subset >= cfg.batch_size,
+            f"--subset {cfg.subset} is smaller than one batch (--batch-size {cfg.batch_size})",
+        ),
+        (cfg.threads >= 0, "--threads must be >= 0"),
+        (cfg.sample_every > 0, "--sample-every must be a positive integer"),
+        (cfg.checkpoint_every > 0, "--checkpoint-every must be a positive integer"),
+        (cfg.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
+        (cfg.eval_every >= -1, "--eval-every must be a positive integer, 0 or -1"),
+        (cfg.eval_num >= 10, "--eval-num must be at least 10"),
+    ]
+    return next((message for ok, message in rules if not ok), None)
+
+
+# ============================================================================================== 2. data
+
+
+def load_mnist(data_dir: str | Path, train: bool = True) -> tuple[Tensor, Tensor]:
+    """MNIST through torchvision: (uint8 images N x 28 x 28, int64 labels N). Downloads when absent."""
+    root = Path(data_dir)
+    if root.exists() and not root.is_dir():
+        raise GanError(f"--data-dir {root} is a file, not a folder")
+    raw = root / "MNIST" / "raw"
+    if not all((raw / name).is_file() for name in MNIST_FILES):
+        try:  # torchvision prints each failed mirror; the one line below says it all
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                torchvision.datasets.MNIST(root, train=train, download=True)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[-1].strip(" <>") if str(exc).strip() else type(exc).__name__
+            raise GanError(
+                f"MNIST is not in {raw} and could not be downloaded ({reason}); put the four files "
+                f"{', '.join(MNIST_FILES)} (or their .gz) in {raw}, e.g. from https://ossci-datasets.s3.amazonaws.com/mnist/"
+            ) from exc
+    try:
+        dataset = torchvision.datasets.MNIST(root, train=train, download=False)
+        images, labels = dataset.data, dataset.targets
+    except Exception as exc:
+        prefix = "train" if train else "t10k"
+        for name in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
+            try:
+                torchvision.datasets.mnist.read_sn3_pascalvincent_tensor(str(raw / name))
+            except Exception:
+                raise GanError(f"corrupt MNIST file {raw / name}: truncated or not an IDX file") from exc
+        raise GanError(f"cannot read MNIST in {raw}: {exc}") from exc
+    if images.shape[1:] != (28, 28) or len(images) != len(labels) or labels.min() < 0 or labels.max() >= 10:
+        raise GanError(f"corrupt MNIST files in {raw}: images {tuple(images.shape)}, labels {tuple(labels.shape)}")
+    return images, labels
+
+
+def to_model_range(images: Tensor, device: torch.device | str = "cpu") -> Tensor:
+    """uint8 N x 28 x 28 -> float N x 1 x 28 x 28 in [-1, 1], what ToTensor + Normalize(0.5, 0.5) give."""
+    return images.to(device).unsqueeze(1).float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] -> uint8 in MNIST's convention (0 = black background, 255 = white stroke)."""
+    return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def epoch_batches(num_images: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
+    """One epoch's index batches: a seeded permutation, so each image is seen exactly once. The last batch
+    keeps the remainder (smaller), as the tutorial's DataLoader(shuffle=True) does."""
+    return list(torch.randperm(num_images, generator=generator).split(batch_size))
+
+
+# ============================================================================================ 3. models
+
+
+def _mlp(sizes: list[int]) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+    return layers
+
+
+class Generator(nn.Module):
+    """z (+ digit label) -> 1 x 28 x 28 image in [-1, 1]."""
+
+    def __init__(self, latent_dim: int = 100, num_classes: int = 0) -> None:
+        super().__init__()
+        self.latent_dim, self.num_classes = latent_dim, num_classes
+        # Conditional: the label enters as a learned embedding joined to z (see README, conditional GAN).
+        self.label_embedding = nn.Embedding(num_classes, 50) if num_classes else None
+        in_dim = latent_dim + (50 if num_classes else 0)
+        self.net = nn.Sequential(*_mlp([in_dim, 256, 512, 1024, 784]), nn.Tanh())
+
+    def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        if self.label_embedding is not None:
+            z = torch.cat([z, self.label_embedding(labels)], dim=1)
+        return self.net(z).view(-1, *IMAGE_SHAPE)
+
+
+class Discriminator(nn.Module):
+    """Image (+ digit label) -> one logit: > 0 means 'real'. The sigmoid lives in the loss."""
+
+    def __init__(self, num_classes: int = 0) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Flatten(), *_mlp([784, 512, 256]), nn.LeakyReLU(0.2, inplace=True))
+        self.head = nn.Linear(256, 1)
+        # Conditional: a projection term <embed(y), features(x)> (Miyato & Koyama 2018).
+        self.label_projection = nn.Embedding(num_classes, 256) if num_classes else None
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        h = self.features(x)
+        logits = self.head(h).squeeze(1)
+        if self.label_projection is not None:
+            logits = logits + (self.label_projection(labels) * h).sum(dim=1)
+        return logits
+
+
+# ========================================================================================== 4. training
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GanError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise GanError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise GanError(f"--device {name}: MPS is not available on this machine (use --device cpu)")
+    return device
+
+
+def auto_threads() -> int:
+    """One thread per physical core, at most 4: a batch-64 MLP gains nothing from more (README)."""
+    logical = os.cpu_count() or 1
+    physical = logical // 2 if logical >= 4 else logical  # assume SMT pairs on bigger machines
+    return max(1, min(4, physical))
+
+
+def make_adam(params: Any, cfg: Config, capturable: bool = False) -> torch.optim.Adam:
+    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.b1, cfg.b2)}
+    if capturable:
+        kwargs["capturable"] = True
+    try:  # one fused kernel for all parameters where the device has it (CUDA, CPU, recent MPS)
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, foreach=True, **kwargs)
+
+
+@dataclass
+class Nets:
+    """The two networks, their optimisers, the EMA generator and the step statistics kept on the device."""
+
+    G: Generator
+    D: Discriminator
+    opt_g: torch.optim.Adam
+    opt_d: torch.optim.Adam
+    ema: Generator | None
+    ema_decay: float
+    stats: Tensor  # running sums of d_loss, g_loss, D(x), D(G(z)) over this epoch's steps
+    ema_updates: Tensor  # on the device, so the EMA warm-up needs no host value (and can be graph-captured)
+    _targets: dict[int, Tensor] = field(default_factory=dict)
+
+    def targets(self, batch: int) -> Tensor:
+        """[1] * batch + [0] * batch: D's targets for real then fake halves (cached, no per-step allocs)."""
+        if batch not in self._targets:
+            self._targets[batch] = torch.cat([torch.ones(batch), torch.zeros(batch)]).to(self.stats.device)
+        return self._targets[batch]
+
+    def sampler(self) -> Generator:
+        return self.ema if self.ema is not None else self.G
+
+
+def build_nets(cfg: Config, device: torch.device, capturable: bool = False) -> Nets:
+    num_classes = NUM_CLASSES if cfg.conditional else 0
+    G = Generator(cfg.latent_dim, num_classes).to(device)
+    D = Discriminator(num_classes).to(device)
+    ema = None
+    if cfg.ema_decay > 0:
+        ema = Generator(cfg.latent_dim, num_classes).to(device).requires_grad_(False)
+        ema.load_state_dict(G.state_dict())
+    return Nets(
+        G,
+        D,
+        make_adam(G.parameters(), cfg, capturable),
+        make_adam(D.parameters(), cfg, capturable),
+        ema,
+        cfg.ema_decay,
+        torch.zeros(4, device=device),
+        torch.zeros((), device=device),
+    )
+
+
+def train_step(nets: Nets, real: Tensor, labels: Tensor | None) -> None:
+    """One alternating GAN step. Nothing here reads a value back to the host."""
+    G, D, batch = nets.G, nets.D, real.size(0)
+    z = torch.randn(batch, G.latent_dim, device=real.device)
+    fake = G(z, labels)
+    targets = nets.targets(batch)
+
+    # (1) Update D: maximise log D(x) + log(1 - D(G(z))). Real and fake go through D as one batch: D has no
+    # batch statistics, so this is the mean of the two BCE terms, in one pass instead of two.
+    both_labels = None if labels is None else torch.cat([labels, labels])
+    d_logits = D(torch.cat([real, fake.detach()]), both_labels)
+    d_loss = F.binary_cross_entropy_with_logits(d_logits, targets)
+    nets.opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    nets.opt_d.step()
+
+    # (2) Update G: non-saturating loss, maximise log D(G(z)). D's weights collect no gradients here.
+    D.requires_grad_(False)
+    g_loss = F.binary_cross_entropy_with_logits(D(fake, labels), targets[:batch])
+    nets.opt_g.zero_grad(set_to_none=True)
+    g_loss.backward()
+    nets.opt_g.step()
+    D.requires_grad_(True)
+
+    with torch.no_grad():
+        if nets.ema is not None:
+            # EMA with warm-up (decay (1+t)/(10+t) until it reaches ema_decay): early grids are not the
+            # random initial weights averaged in.
+            nets.ema_updates += 1
+            decay = ((1 + nets.ema_updates) / (10 + nets.ema_updates)).clamp(max=nets.ema_decay)
+            ema_params = list(nets.ema.parameters())
+            torch._foreach_mul_(ema_params, decay)
+            torch._foreach_add_(ema_params, torch._foreach_mul(list(G.parameters()), 1 - decay))
+        probs = torch.sigmoid(d_logits)
+        nets.stats += torch.stack([d_loss, g_loss, probs[:batch].mean(), probs[batch:].mean()])
+
+
+class CudaGraphStep:
+    """train_step captured as one CUDA graph: a few eager warm-up steps on a side stream (real training
+    steps), then capture; every later full batch is one graph replay. Noise is drawn inside the graph.
+    A smaller last batch of an epoch runs eagerly (capturable Adam works both ways)."""
+
+    warmup_steps = 3
+
+    def __init__(self, nets: Nets, batch_size: int, conditional: bool, device: torch.device) -> None:
+        self.nets, self.batch_size, self.graph = nets, batch_size, None
+        self.warmup_left = self.warmup_steps
+        self.real = torch.zeros(batch_size, *IMAGE_SHAPE, device=device)
+        self.labels = torch.zeros(batch_size, dtype=torch.long, device=device) if conditional else None
+        self.side_stream = torch.cuda.Stream(device)
+
+    def __call__(self, real: Tensor, labels: Tensor | None) -> None:
+        if real.size(0) != self.batch_size:
+            train_step(self.nets, real, labels)
+            return
+        self.real.copy_(real)
+        if labels is not None:
+            self.labels.copy_(labels)
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.warmup_left > 0:
+            self.warmup_left -= 1
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream):
+                train_step(self.nets, self.real, self.labels)
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+        else:
+            # Gradients must be allocated from the graph's private pool, so they start as None.
+            self.nets.opt_d.zero_grad(set_to_none=True)
+            self.nets.opt_g.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                train_step(self.nets, self.real, self.labels)
+            self.graph = graph
+            graph.replay()  # capture records without running: this batch still has to be trained on
+
+
+class StopSignal:
+    """Turns Ctrl-C / SIGTERM into a flag the loop checks between steps, so the run stops at a clean point
+    and saves. A second signal while saving is ignored: the save finishes."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = self.signum or signum
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class RunLock:
+    """An exclusive lock on <run>/.lock held while training: a second process on the same folder is refused.
+    The OS drops the lock when the process dies, so a crashed run never leaves it stuck."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path, self.file = run_dir / ".lock", None
+
+    def __enter__(self) -> RunLock:
+        try:
+            self.file = open(self.path, "a+")
+        except OSError as exc:
+            raise GanError(f"cannot write to the run folder {self.path.parent}: {exc.strerror}") from exc
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self.file.seek(0)
+                owner = self.file.read().strip() or "another process"
+                self.file.close()
+                raise GanError(
+                    f"{self.path.parent} is in use by a training run ({owner}); wait for it or choose another --out-dir"
+                ) from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.file is not None:
+            self.file.close()  # closing releases the lock; the file stays, harmless
+
+
+def holds_run(folder: Path) -> bool:
+    """A folder holds a run once it has a checkpoint: before that there is nothing to lose or resume."""
+    return (folder / "checkpoints" / "last.pt").exists()
+
+
+def new_run_dir() -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        candidate = Path("outputs") / (f"run-{stamp}" if n == 1 else f"run-{stamp}-{n}")
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)  # exist_ok=False: two starts never share a folder
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise GanError(f"cannot create {candidate}: {exc.strerror}") from exc
+    raise GanError("cannot find a free folder name under outputs/")
+
+
+def rng_state(data_rng_at_epoch_start: Tensor, device: torch.device) -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "data": data_rng_at_epoch_start,
+    }
+
+
+def checkpoint_dict(nets: Nets, cfg: Config, state: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": FORMAT_VERSION,
+        "torch_version": str(torch.__version__),
+        "config": dataclasses.asdict(cfg),
+        "epoch": state["epoch"],  # epochs completed
+        "step": state["step"],  # steps done in the epoch after that (non-zero after an interruption)
+        "epoch_stats": state["epoch_stats"].cpu(),
+        "epoch_steps": state["epoch_steps"],
+        "epoch_seconds": state["epoch_seconds"],
+        "history": state["history"],
+        "fixed_noise": state["fixed_noise"].cpu(),
+        "fixed_labels": None if state["fixed_labels"] is None else state["fixed_labels"].cpu(),
+        "generator": nets.G.state_dict(),
+        "discriminator": nets.D.state_dict(),
+        "ema": None if nets.ema is None else nets.ema.state_dict(),
+        "ema_updates": nets.ema_updates.cpu(),
+        "opt_g": nets.opt_g.state_dict(),
+        "opt_d": nets.opt_d.state_dict(),
+        "rng": rng_state(state["data_rng"], device),
+    }
+
+
+def fixed_inputs(cfg: Config) -> tuple[Tensor, Tensor | None]:
+    """The noise behind every sample grid, drawn once from the seed (its own generator, so it does not
+    shift the training noise): 8 x 8 digits, or for a conditional model 10 rows, row k = digit k."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.conditional:
+        return torch.randn(100, cfg.latent_dim, generator=gen), torch.arange(10).repeat_interleave(10)
+    return torch.randn(64, cfg.latent_dim, generator=gen), None
+
+
+def train(cfg: Config, given: set[str]) -> Result:
+    """Runs (or resumes) a training run; see the module docstring."""
+    checkpoint = None
+    if cfg.resume:
+        checkpoint = load_checkpoint(cfg.resume, CHECKPOINT_FORMAT)
+        cfg, run_dir = resume_config(cfg, given, checkpoint)
+    else:
+        run_dir = Path(cfg.out_dir) if cfg.out_dir else None
+        if run_dir is not None and holds_run(run_dir):
+            raise GanError(
+                f"{run_dir} already holds a run; resume it with --resume "
+                f"{run_dir / 'checkpoints' / 'last.pt'}, or choose another --out-dir"
+            )
+    device = resolve_device(cfg.device)
+    if run_dir is None:
+        run_dir = new_run_dir()
+        created = True
+    else:
+        created = not run_dir.exists()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GanError(f"cannot create --out-dir {run_dir}: {exc.strerror or exc}") from exc
+    cfg = dataclasses.replace(cfg, out_dir=str(run_dir))
+    try:
+        with RunLock(run_dir):
+            return _train_locked(cfg, run_dir, device, checkpoint)
+    except BaseException:
+        if created and not holds_run(run_dir):  # a start that failed before saving anything leaves no litter
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def resume_config(cfg: Config, given: set[str], checkpoint: dict[str, Any]) -> tuple[Config, Path]:
+    known = {f.name for f in dataclasses.fields(Config)}
+    saved = Config(**{k: v for k, v in checkpoint["config"].items() if k in known})
+    for name in RUN_DEFINING:
+        if name in given and getattr(cfg, name) != getattr(saved, name):
+            raise GanError(
+                f"checkpoint {cfg.resume} was trained with {_flag(name)} {getattr(saved, name)}, "
+                f"not {getattr(cfg, name)}; drop the flag to continue that run"
+            )
+    merged = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given})
+    done = checkpoint["epoch"]
+    if checkpoint["step"] == 0 and done >= merged.epochs:
+        raise GanError(
+            f"checkpoint {cfg.resume} has already trained {done} epochs; "
+            f"pass --epochs N with N > {done} to train further"
+        )
+    resume_path = Path(cfg.resume)
+    own_dir = resume_path.parent.parent if resume_path.parent.name == "checkpoints" else Path(saved.out_dir)
+    if "out_dir" in given and Path(cfg.out_dir).resolve() != own_dir.resolve():
+        run_dir = Path(cfg.out_dir)  # branching the run into a new folder
+        if holds_run(run_dir):
+            raise GanError(f"{run_dir} already holds a run; choose another --out-dir")
+        return merged, run_dir
+    last = own_dir / "checkpoints" / "last.pt"
+    if last.exists() and last.resolve() != resume_path.resolve():
+        latest = load_checkpoint(last, CHECKPOINT_FORMAT)
+        if (latest["epoch"], latest["step"]) > (done, checkpoint["step"]):
+            raise GanError(
+                f"{own_dir} has trained past this checkpoint (to epoch {latest['epoch']}); "
+                "resuming from it there would overwrite that: pass --out-dir NEW to branch into a new folder"
+            )
+    return merged, own_dir
+
+
+def _train_locked(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict | None) -> Result:
+    torch.set_num_threads(cfg.threads or auto_threads())
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the MLP's matmuls; well inside GAN noise
+    use_graph = cfg.cuda_graph and device.type == "cuda"
+    if cfg.cuda_graph and not use_graph:
+        print(f"note: --cuda-graph needs a CUDA device; training eagerly on {device}", file=sys.stderr)
+
+    images, labels = load_mnist(cfg.data_dir, train=True)
+    if cfg.subset:
+        if cfg.subset > len(images):
+            raise GanError(f"--subset {cfg.subset} is more than the {len(images)} training images")
+        images, labels = images[: cfg.subset], labels[: cfg.subset]
+    data, targets = to_model_range(images, device), labels.to(device)
+    del images
+
+    nets = build_nets(cfg, device, capturable=use_graph)
+    data_rng = torch.Generator().manual_seed(cfg.seed)
+    fixed_noise, fixed_labels = fixed_inputs(cfg)
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "step": 0,
+        "history": [],
+        "epoch_steps": 0,
+        "epoch_seconds": 0.0,
+        "epoch_stats": torch.zeros(4),
+        "fixed_noise": fixed_noise,
+        "fixed_labels": fixed_labels,
+    }
+    if checkpoint is not None:
+        restore(nets, checkpoint, cfg, device, data_rng)
+        state.update(
+            {
+                k: checkpoint[k]
+                for k in (
+                    "epoch",
+                    "step",
+                    "history",
+                    "epoch_steps",
+                    "epoch_seconds",
+                    "epoch_stats",
+                    "fixed_noise",
+                    "fixed_labels",
+                )
+            }
+        )
+    fixed_noise = state["fixed_noise"].to(device)
+    fixed_labels = None if state["fixed_labels"] is None else state["fixed_labels"].to(device)
+    nets.stats.copy_(state["epoch_stats"])
+
+    ckpt_dir, samples_dir = run_dir / "checkpoints", run_dir / "samples"
+    for folder in (ckpt_dir, samples_dir):
+        folder.mkdir(exist_ok=True)
+    for stale in ckpt_dir.glob(".*.tmp*"):  # left by a process killed mid-save; the real file is intact
+        stale.unlink(missing_ok=True)
+    write_json(run_dir / "config.json", dataclasses.asdict(cfg))
+    if checkpoint is not None:  # history in the checkpoint is the truth: drop rows of epochs redone now
+        write_losses(run_dir, state["history"], plot=False)
+        prune_samples(samples_dir, after_epoch=state["epoch"])
+
+    step_fn: Callable[[Tensor, Tensor | None], None] = functools.partial(train_step, nets)
+    if use_graph:
+        step_fn = CudaGraphStep(nets, cfg.batch_size, cfg.conditional, device)
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    say = print
+    say(
+        f"gan_mnist: training on {device} ({torch.get_num_threads()} CPU threads), {len(data)} images, "
+        f"{steps_per_epoch} steps/epoch, epochs {state['epoch'] + 1}..{cfg.epochs} -> {run_dir}",
+        flush=True,
+    )
+    if checkpoint is not None:
+        say(
+            f"resumed from {cfg.resume} at epoch {state['epoch']}" + (f" step {state['step']}" if state["step"] else "")
+        )
+
+    evaluator: Evaluator | None = None
+    last_plot = last_gif = time.monotonic()
+    interrupted = 0
+    with StopSignal() as stop:
+        while state["epoch"] < cfg.epochs and not interrupted:
+            epoch = state["epoch"] + 1
+            epoch_rng = data_rng.get_state()
+            batches = epoch_batches(len(data), cfg.batch_size, data_rng)
+            started = time.perf_counter() - state["epoch_seconds"]
+            bar = tqdm(
+                total=len(batches),
+                initial=state["step"],
+                desc=f"epoch {epoch}/{cfg.epochs}",
+                unit="step",
+                leave=False,
+                disable=True if cfg.quiet else None,
+                dynamic_ncols=True,
+            )
+            next_refresh = time.monotonic() + 0.5
+            for i in range(state["step"], len(batches)):
+                if stop.signum:
+                    break
+                idx = batches[i].to(device, non_blocking=True)
+                step_fn(data[idx], targets[idx] if cfg.conditional else None)
+                state["epoch_steps"] += 1
+                state["step"] = i + 1
+                bar.update(1)
+                if not bar.disable and time.monotonic() > next_refresh:  # the only host sync: twice a second
+                    d_loss, g_loss, _, _ = (nets.stats / state["epoch_steps"]).tolist()
+                    bar.set_postfix_str(f"D {d_loss:.3f} G {g_loss:.3f}", refresh=False)
+                    next_refresh = time.monotonic() + 0.5
+            bar.close()
+            state["epoch_seconds"] = time.perf_counter() - started
+            state["data_rng"] = epoch_rng
+            if stop.signum:
+                interrupted = stop.signum
+                means = (nets.stats / max(1, state["epoch_steps"])).tolist()
+                check_finite(means, epoch, cfg, ckpt_dir)
+                state["epoch_stats"] = nets.stats.detach().cpu()
+                save_checkpoint(ckpt_dir / "last.pt", checkpoint_dict(nets, cfg, state, device))
+                break
+
+            means = (nets.stats / state["epoch_steps"]).tolist()
+            check_finite(means, epoch, cfg, ckpt_dir)
+            row = {
+                "epoch": epoch,
+                "d_loss": means[0],
+                "g_loss": means[1],
+                "d_x": means[2],
+                "d_g_z": means[3],
+                "seconds": state["epoch_seconds"],
+            }
+            state["history"].append(row)
+            say(
+                f"epoch {epoch:>4}/{cfg.epochs}  d_loss {means[0]:.4f}  g_loss {means[1]:.4f}  "
+                f"D(x) {means[2]:.3f}  D(G(z)) {means[3]:.3f}  {state['epoch_seconds']:.1f}s "
+                f"({state['epoch_steps'] / state['epoch_seconds']:.0f} steps/s)",
+                flush=True,
+            )
+            state.update(epoch=epoch, step=0, epoch_steps=0, epoch_seconds=0.0, data_rng=data_rng.get_state())
+            nets.stats.zero_()
+            state["epoch_stats"] = torch.zeros(4)
+
+            final = epoch == cfg.epochs
+            if epoch % cfg.sample_every == 0 or final:
+                save_samples(nets.sampler(), fixed_noise, fixed_labels, samples_dir / f"epoch_{epoch:04d}.png")
+            now = time.monotonic()
+            write_losses(run_dir, state["history"], plot=final or now - last_plot > 10)
+            last_plot = now if final or now - last_plot > 10 else last_plot
+            if final or now - last_gif > 30:
+                write_gif(run_dir)
+                last_gif = now
+            ckpt = checkpoint_dict(nets, cfg, state, device)
+            save_checkpoint(ckpt_dir / "last.pt", ckpt)
+            if epoch % cfg.checkpoint_every == 0 or final:
+                save_checkpoint(ckpt_dir / f"epoch_{epoch:04d}.pt", ckpt)
+                prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+            save_generator(run_dir / "generator.pt", nets, epoch)
+            if cfg.eval_every > 0 and epoch % cfg.eval_every == 0 or final and cfg.eval_every == 0:
+                evaluator = evaluator or Evaluator(cfg.data_dir, cfg.judge, cfg.eval_num, cfg.quiet)
+                evaluate_during_training(cfg, run_dir, nets, epoch, evaluator)
+
+    write_losses(run_dir, state["history"], plot=True)
+    write_gif(run_dir)
+    if interrupted:
+        name = signal.Signals(interrupted).name
+        print(
+            f"\n{name}: stopped at epoch {state['epoch'] + 1} step {state['step']}; saved {ckpt_dir / 'last.pt'}. "
+            f"Resume with: python gan_mnist.py --resume {ckpt_dir / 'last.pt'} --epochs {cfg.epochs}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return Result(128 + interrupted, run_dir, state["history"])
+    total = sum(row["seconds"] for row in state["history"])
+    print(
+        f"done: {state['epoch']} epochs ({total:.0f}s of training) -> {run_dir}/ "
+        "(samples/, progress.gif, losses.png, generator.pt, checkpoints/)",
+        flush=True,
+    )
+    return Result(0, run_dir, state["history"])
+
+
+def check_finite(means: list[float], epoch: int, cfg: Config, ckpt_dir: Path) -> None:
+    if not all(math.isfinite(v) for v in means):
+        kept = ckpt_dir / "last.pt"
+        kept_note = f"the last good checkpoint {kept} is kept" if kept.exists() else "no checkpoint was written"
+        raise GanError(
+            f"training diverged in epoch {epoch} (d_loss {means[0]}, g_loss {means[1]}); "
+            f"{kept_note}; try a lower --lr than {cfg.lr:g}"
+        )
+
+
+def restore(nets: Nets, ckpt: dict[str, Any], cfg: Config, device: torch.device, data_rng: torch.Generator) -> None:
+    try:
+        nets.G.load_state_dict(ckpt["generator"])
+        nets.D.load_state_dict(ckpt["discriminator"])
+        if nets.ema is not None:
+            nets.ema.load_state_dict(ckpt["ema"] if ckpt["ema"] is not None else ckpt["generator"])
+            nets.ema_updates.copy_(ckpt["ema_updates"])
+        nets.opt_g.load_state_dict(ckpt["opt_g"])
+        nets.opt_d.load_state_dict(ckpt["opt_d"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise GanError(f"checkpoint {cfg.resume} does not fit this model: {str(exc).splitlines()[0]}") from exc
+    for opt in (nets.opt_g, nets.opt_d):  # flags given now win over the saved optimiser settings
+        for group in opt.param_groups:
+            group["lr"], group["betas"] = cfg.lr, (cfg.b1, cfg.b2)
+    rng = ckpt["rng"]
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    data_rng.set_state(rng["data"])
+
+
+# ======================================================================================== 5. evaluation
+
+
+class Judge(nn.Module):
+    """A small MNIST classifier: its 128-d penultimate layer is the feature space for FID and
+    precision/recall (MNIST-native, unlike Inception), its softmax gives IS, mode coverage and accuracy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 7 * 7, 128),
+            nn.ReLU(),
+        )
+        self.classifier = nn.Linear(128, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+def weights_sha256(state_dict: dict[str, Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def judge_accuracy(judge: Judge, images: Tensor, labels: Tensor) -> float:
+    judge.eval()
+    hits = sum((judge(x).argmax(1) == y).sum().item() for x, y in zip(images.split(1000), labels.split(1000)))
+    return hits / len(labels)
+
+
+def train_judge(data_dir: str | Path, epochs: int = 4, quiet: bool = False) -> tuple[Judge, float]:
+    """Seeded, 4 epochs with a one-cycle schedule: 99.1-99.2% test accuracy on full MNIST (README)."""
+    images, labels = load_mnist(data_dir, train=True)
+    test_images, test_labels = load_mnist(data_dir, train=False)
+    x, x_test = to_model_range(images), to_model_range(test_images)
+    batches_per_epoch = math.ceil(len(x) / 128)
+    with torch.random.fork_rng(devices=[]):  # the judge's seed must not shift a training run's noise
+        torch.manual_seed(0)
+        judge = Judge()
+        opt = torch.optim.Adam(judge.parameters(), lr=1e-3)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * batches_per_epoch)
+        order = torch.Generator().manual_seed(0)
+        judge.train()
+        for _ in tqdm(range(epochs), desc="training the judge network", leave=False, disable=True if quiet else None):
+            for idx in torch.randperm(len(x), generator=order).split(128):
+                loss = F.cross_entropy(judge(x[idx]), labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                schedule.step()
+    return judge.eval(), judge_accuracy(judge, x_test, test_labels)
+
+
+def load_or_train_judge(path: Path, data_dir: str | Path, quiet: bool = False) -> tuple[Judge, dict[str, Any]]:
+    """The judge cached at `path`; trained (about 30 s on 2 CPU cores) when missing, corrupt or tampered."""
+    if path.is_file():
+        try:
+            saved = load_checkpoint(path, JUDGE_FORMAT)
+            judge = Judge()
+            judge.load_state_dict(saved["state_dict"])
+            if weights_sha256(judge.state_dict()) == saved["sha256"]:
+                return judge.eval(), {k: saved[k] for k in ("sha256", "test_accuracy", "train_images")}
+            reason = "its weights do not match their recorded hash"
+        except (GanError, RuntimeError, KeyError) as exc:
+            reason = str(exc)
+        print(f"note: retraining the judge network, the cached one is unusable: {reason}", file=sys.stderr)
+    elif not quiet:
+        print(f"training the judge network for evaluation once (cached at {path})", file=sys.stderr)
+    judge, accuracy = train_judge(data_dir, quiet=quiet)
+    state_dict = judge.state_dict()
+    info = {
+        "sha256": weights_sha256(state_dict),
+        "test_accuracy": accuracy,
+        "train_images": len(load_mnist(data_dir, train=True)[0]),
+    }
+    if accuracy < 0.99:
+        print(
+            f"warning: the judge network reaches only {accuracy:.2%} test accuracy (< 99%): metrics from it are rough",
+            file=sys.stderr,
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, {"format": JUDGE_FORMAT, "version": FORMAT_VERSION, "state_dict": state_dict, **info})
+    return judge, info
+
+
+@torch.no_grad()
+def judge_outputs(judge: Judge, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """float64 penultimate features (N x 128) and class probabilities (N x 10) for images in [-1, 1]."""
+    feats, probs = [], []
+    for x in images.split(1000):
+        h = judge.features(x.float().cpu())
+        feats.append(h.double())
+        probs.append(F.softmax(judge.classifier(h).double(), dim=1))
+    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """FID between two feature sets (float64; scipy's matrix square root, as pytorch-fid does)."""
+    import scipy.linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise as pytorch-fid does
+        offset = np.eye(len(s1)) * 1e-6
+        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    covmean = np.real(covmean)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def knn_radii(feats: Tensor, k: int) -> Tensor:
+    """Distance of each point to its k-th nearest other point."""
+    return torch.cat([torch.cdist(chunk, feats).kthvalue(k + 1, dim=1).values for chunk in feats.split(1000)])
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Kynkäänniemi et al. 2019: precision = share of fakes inside the real k-NN manifold, recall = share of
+    reals inside the fake one."""
+    r, f = torch.from_numpy(real).float(), torch.from_numpy(fake).float()
+    r_radii, f_radii = knn_radii(r, k), knn_radii(f, k)
+    inside_real = torch.cat([(torch.cdist(c, r) <= r_radii).any(1) for c in f.split(1000)])
+    inside_fake = torch.cat([(torch.cdist(c, f) <= f_radii).any(1) for c in r.split(1000)])
+    return inside_real.double().mean().item(), inside_fake.double().mean().item()
+
+
+def sample_metrics(feats: np.ndarray, probs: np.ndarray, ref_feats: np.ndarray) -> dict[str, Any]:
+    eps = 1e-12
+    p_y = probs.mean(0)
+    inception = float(np.exp((probs * (np.log(probs + eps) - np.log(p_y + eps))).sum(1).mean()))
+    hist = np.bincount(probs.argmax(1), minlength=NUM_CLASSES) / len(probs)
+    nonzero = hist > 0
+    precision, recall = precision_recall(ref_feats, feats)
+    return {
+        "fid": frechet_distance(feats, ref_feats),
+        "inception_score": inception,
+        "modes_covered": int((hist >= 0.02).sum()),
+        "class_histogram": [round(float(h), 4) for h in hist],
+        "kl_to_uniform": float((hist[nonzero] * np.log(hist[nonzero] * NUM_CLASSES)).sum()),
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+class Evaluator:
+    """Everything evaluation needs that does not depend on the generator, computed once: the judge, the
+    test digits' features, and the real-data floor (training digits scored against test digits)."""
+
+    def __init__(self, data_dir: str | Path, judge_path: str | Path | None, num: int, quiet: bool = False) -> None:
+        self.num = num
+        path = Path(judge_path) if judge_path else Path(data_dir) / "MNIST" / "gan_mnist_judge.pt"
+        self.judge, self.judge_info = load_or_train_judge(path, data_dir, quiet)
+        test_images, _ = load_mnist(data_dir, train=False)
+        self.test_feats, _ = judge_outputs(self.judge, to_model_range(test_images))
+        train_images, _ = load_mnist(data_dir, train=True)
+        real = to_model_range(train_images[:num])
+        self.floor = sample_metrics(*judge_outputs(self.judge, real), self.test_feats)
+
+    @torch.no_grad()
+    def __call__(self, G: Generator, seed: int = 0) -> dict[str, Any]:
+        started = time.perf_counter()
+        device = next(G.parameters()).device
+        noise_rng = torch.Generator().manual_seed(seed)  # its own stream: never shifts a training run's noise
+        z = torch.randn(self.num, G.latent_dim, generator=noise_rng)
+        labels = torch.arange(self.num) % NUM_CLASSES if G.num_classes else None
+        was_training = G.training
+        G.eval()
+        images = torch.cat(
+            [
+                G(zc.to(device), None if labels is None else lc.to(device)).cpu()
+                for zc, lc in zip(z.split(1000), (labels if labels is not None else z).split(1000))
+            ]
+        )
+        G.train(was_training)
+        feats, probs = judge_outputs(self.judge, images)
+        metrics = sample_metrics(feats, probs, self.test_feats)
+        if labels is not None:
+            read = probs.argmax(1)
+            metrics["digit_accuracy"] = [float((read[labels.numpy() == k] == k).mean()) for k in range(NUM_CLASSES)]
+        metrics["num_samples"] = self.num
+        metrics["real_floor"] = self.floor
+        metrics["judge"] = self.judge_info
+        metrics["seconds"] = round(time.perf_counter() - started, 2)
+        return metrics
+
+
+METRIC_COLUMNS = ("epoch", "fid", "inception_score", "modes_covered", "kl_to_uniform", "precision", "recall")
+
+
+def evaluate_during_training(cfg: Config, run_dir: Path, nets: Nets, epoch: int, evaluator: Evaluator) -> None:
+    metrics = evaluator(nets.sampler(), seed=cfg.seed)
+    rows = []
+    csv_path = run_dir / "metrics.csv"
+    if csv_path.exists():
+        lines = csv_path.read_text().split("\n")[1:]
+        rows = [dict(zip(METRIC_COLUMNS, map(float, line.split(",")))) for line in lines if line.strip()]
+    rows = [r for r in rows if r["epoch"] < epoch] + [{"epoch": epoch, **metrics}]
+    text = ",".join(METRIC_COLUMNS) + "\n" + "".join(",".join(f"{r[c]:g}" for c in METRIC_COLUMNS) + "\n" for r in rows)
+    atomic_write(csv_path, lambda f: f.write(text.encode()))
+    plot_curves(
+        run_dir / "metrics.png",
+        rows,
+        [
+            ("FID (judge features, lower is better)", [("fid", "FID")]),
+            ("score", [("inception_score", "Inception Score (max 10)")]),
+        ],
+    )
+    print(
+        f"           FID {metrics['fid']:.2f} (real data {metrics['real_floor']['fid']:.2f})  "
+        f"IS {metrics['inception_score']:.2f}  modes {metrics['modes_covered']}/10  "
+        f"precision {metrics['precision']:.3f}  recall {metrics['recall']:.3f}  ({metrics['seconds']:.1f}s)",
+        flush=True,
+    )
+
+
+# =========================================================================================== 6. outputs
+
+
+@dataclass
+class Result:
+    """What a command returns to a caller of main(): exit code, run folder, per-epoch history, metrics."""
+
+    exit_code: int
+    out_dir: Path | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    metrics: dict[str, Any] | None = None
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Writes a temporary file beside `path`, syncs it, then renames it over `path`: a crash or a full disk
+    mid-write leaves the previous file untouched and no half-written file under the final name."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise GanError(f"could not write {path}: {exc.strerror or exc}; the previous version is intact") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path: str | Path, *formats: str) -> dict[str, Any]:
+    """torch.load(weights_only=True): tensors and plain containers only, so a crafted file cannot run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise GanError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Weights only" in str(exc):
+            raise GanError(
+                f"refusing to load {path}: it holds Python objects that could run code, "
+                "not just weights; gan_mnist never loads such files"
+            ) from None
+        raise GanError(f"cannot read checkpoint {path}: not a PyTorch checkpoint file") from None
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise GanError(f"cannot read checkpoint {path}: truncated or not a PyTorch file ({first})") from None
+    if not isinstance(obj, dict) or obj.get("format") not in formats:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise GanError(f"{path} is not a {' or '.join(formats)} file (found {found!r})")
+    return obj
+
+
+def save_generator(path: Path, nets: Nets, epoch: int) -> None:
+    G = nets.sampler()
+    save_checkpoint(
+        path,
+        {
+            "format": GENERATOR_FORMAT,
+            "version": FORMAT_VERSION,
+            "epoch": epoch,
+            "ema": nets.ema is not None,
+            "latent_dim": G.latent_dim,
+            "num_classes": G.num_classes,
+            "state_dict": G.state_dict(),
+        },
+    )
+
+
+def load_generator(path: str | Path, device: torch.device, raw: bool = False) -> tuple[Generator, dict[str, Any]]:
+    """A Generator from generator.pt or from a full checkpoint (its EMA weights when it has them, unless
+    `raw`)."""
+    obj = load_checkpoint(path, GENERATOR_FORMAT, CHECKPOINT_FORMAT)
+    if obj["format"] == CHECKPOINT_FORMAT:
+        cfg = obj["config"]
+        latent_dim, num_classes = cfg["latent_dim"], NUM_CLASSES if cfg["conditional"] else 0
+        state_dict = obj["ema"] if obj.get("ema") is not None and not raw else obj["generator"]
+    else:
+        latent_dim, num_classes, state_dict = obj["latent_dim"], obj["num_classes"], obj["state_dict"]
+    G = Generator(latent_dim, num_classes)
+    try:
+        G.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise GanError(
+            f"{path}: generator weights do not fit the recorded shapes "
+            f"(latent_dim {latent_dim}, {num_classes} classes): {str(exc).splitlines()[-1].strip()}"
+        ) from None
+    return G.to(device).eval(), obj
+
+
+@torch.no_grad()
+def save_samples(G: Generator, noise: Tensor, labels: Tensor | None, path: Path) -> None:
+    """A grid of G's images for fixed noise, in eval mode: 8 x 8, or one row per digit if conditional."""
+    was_training = G.training
+    G.eval()
+    images = G(noise, labels)
+    G.train(was_training)
+    nrow = 10 if labels is not None else 8
+    atomic_write(path, lambda f: save_image(images, f, format="png", nrow=nrow, normalize=True, value_range=(-1, 1)))
+
+
+def prune_samples(samples_dir: Path, after_epoch: int) -> None:
+    for png in samples_dir.glob("epoch_*.png"):
+        if int(png.stem.split("_")[1]) > after_epoch:
+            png.unlink()
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    if keep > 0:
+        for old in sorted(ckpt_dir.glob("epoch_*.pt"))[:-keep]:
+            old.unlink()
+
+
+def write_gif(run_dir: Path) -> None:
+    frames = [Image.open(p).convert("P") for p in sorted((run_dir / "samples").glob("epoch_*.png"))]
+    if frames:
+        atomic_write(
+            run_dir / "progress.gif",
+            lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=150, loop=0),
+        )
+
+
+LOSS_COLUMNS = ("epoch", "d_loss", "g_loss", "d_x", "d_g_z", "seconds")
+
+
+def write_losses(run_dir: Path, history: list[dict[str, float]], plot: bool) -> None:
+    lines = [",".join(LOSS_COLUMNS)]
+    lines += [",".join(str(int(r[c])) if c == "epoch" else f"{r[c]:.6f}" for c in LOSS_COLUMNS) for r in history]
+    atomic_write(run_dir / "losses.csv", lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    if plot and history:
+        plot_curves(
+            run_dir / "losses.png",
+            history,
+            [
+                ("loss", [("d_loss", "D loss"), ("g_loss", "G loss")]),
+                ("mean D output", [("d_x", "D(x), real"), ("d_g_z", "D(G(z)), fake")]),
+            ],
+        )
+
+
+def plot_curves(path: Path, rows: list[dict[str, Any]], panels: list[tuple[str, list[tuple[str, str]]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    epochs = [r["epoch"] for r in rows]
+    for ax, (ylabel, series) in zip(axes[0], panels):
+        for key, label in series:
+            ax.plot(epochs, [r[key] for r in rows], marker="o" if len(rows) < 30 else None, ms=3, label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+# ========================================================================================== 7. commands
+
+
+def build_generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gan_mnist.py generate", description="Draw digits from a trained generator.")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="generator.pt or a checkpoint .pt")
+    p.add_argument("--out", required=True, metavar="FILE", help="FILE.png: a grid image; FILE.npy: uint8 N x 28 x 28")
+    p.add_argument("--num", type=int, default=64, help="how many digits (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--digit", default=None, help="conditional models: 0-9, or 'all' for one row per digit")
+    p.add_argument("--device", type=_device_arg, default="auto", help="default: auto")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return p
+
+
+def generate(args: argparse.Namespace) -> Result:
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".npy"):
+        raise GanError(f"--out {out}: the file must end in .png or .npy")
+    device = resolve_device(args.device)
+    G, _ = load_generator(args.checkpoint, device)
+    torch.manual_seed(args.seed)
+    labels, nrow = None, max(1, int(math.sqrt(args.num)))
+    if args.digit is not None:
+        if not G.num_classes:
+            raise GanError(f"--digit needs a conditional generator; {args.checkpoint} is unconditional")
+        if args.digit == "all":
+            labels, nrow = torch.arange(10).repeat_interleave(math.ceil(args.num / 10)), math.ceil(args.num / 10)
+        elif args.digit.isdigit() and 0 <= int(args.digit) <= 9:
+            labels = torch.full((args.num,), int(args.digit))
+        else:
+            raise GanError(f"--digit {args.digit}: choose a digit 0-9 or 'all'")
+    elif G.num_classes:
+        labels, nrow = torch.arange(10).repeat_interleave(math.ceil(args.num / 10)), math.ceil(args.num / 10)
+    num = len(labels) if labels is not None else args.num
+    with torch.no_grad():
+        z = torch.randn(num, G.latent_dim).to(device)
+        images = G(z, None if labels is None else labels.to(device))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".npy":
+        array = to_uint8(images).squeeze(1).numpy()
+        atomic_write(out, lambda f: np.save(f, array))
+    else:
+        atomic_write(out, lambda f: save_image(images, f, format="png", nrow=nrow, normalize=True, value_range=(-1, 1)))
+    print(f"wrote {num} digits to {out}")
+    return Result(0, out.parent)
+
+
+def build_evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gan_mnist.py evaluate",
+        description="Score a generator with an MNIST judge network; prints JSON and "
+        "writes metrics.json beside the checkpoint.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="generator.pt or a checkpoint .pt")
+    p.add_argument("--num", type=int, default=10000, help="generated digits to score (default: 10000)")
+    p.add_argument("--data-dir", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
+    p.add_argument(
+        "--judge", default="", metavar="PATH", help="judge network cache (default: DATA_DIR/MNIST/gan_mnist_judge.pt)"
+    )
+    p.add_argument("--raw", action="store_true", help="score the raw generator of a checkpoint, not its EMA")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--device", type=_device_arg, default="auto", help="default: auto")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return p
+
+
+def evaluate_command(args: argparse.Namespace) -> Result:
+    device = resolve_device(args.device)
+    G, obj = load_generator(args.checkpoint, device, raw=args.raw)  # a bad checkpoint fails before any work
+    metrics = Evaluator(args.data_dir, args.judge, args.num)(G, seed=args.seed)
+    ema = obj["ema"] if obj["format"] == GENERATOR_FORMAT else obj.get("ema") is not None and not args.raw
+    metrics = {
+        "checkpoint": str(args.checkpoint),
+        "epoch": obj.get("epoch"),
+        "weights": "ema" if ema else "raw",
+        **metrics,
+    }
+    out = Path(args.checkpoint).with_name("metrics.json")
+    write_json(out, metrics)
+    print(json.dumps(metrics))
+    return Result(0, out.parent, metrics=metrics)
+
+
+def main(argv: list[str] | None = None) -> Result:
+    """Entry point: `main(["--epochs", "2"])` trains, `main(["generate", ...])` samples. Returns a Result;
+    usage errors raise SystemExit(2) as argparse does."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in ("generate", "evaluate") else "train"
+    if command == "train":
+        parser = build_train_parser()
+        namespace = vars(parser.parse_args(argv))
+        cfg = Config(**namespace)
+        problem = check_config(cfg)
+        if problem:
+            parser.error(problem)
+        run: Callable[[], Result] = lambda: train(cfg, set(namespace))  # noqa: E731
+        debug = cfg.debug
+    elif command == "generate":
+        args = build_generate_parser().parse_args(argv[1:])
+        if args.num <= 0:
+            build_generate_parser().error("--num must be a positive integer")
+        run, debug = (lambda: generate(args)), args.debug
+    else:
+        args = build_evaluate_parser().parse_args(argv[1:])
+        run, debug = (lambda: evaluate_command(args)), args.debug
+    try:
+        return run()
+    except GanError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"gan_mnist: error: {exc}", file=sys.stderr, flush=True)
+        return Result(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main().exit_code)
