@@ -590,11 +590,14 @@ def resume_config(cfg: Config, given: set[str], checkpoint: dict[str, Any]) -> t
     known = {f.name for f in dataclasses.fields(Config)}
     saved = Config(**{k: v for k, v in checkpoint["config"].items() if k in known})
     for name in RUN_DEFINING:
-        if name in given and getattr(cfg, name) != getattr(saved, name):
-            raise GanError(
-                f"checkpoint {cfg.resume} was trained with {_flag(name)} {getattr(saved, name)}, "
-                f"not {getattr(cfg, name)}; drop the flag to continue that run"
+        was, now = getattr(saved, name), getattr(cfg, name)
+        if name in given and now != was:
+            trained = (
+                f"{'with' if was else 'without'} {_flag(name)}"
+                if isinstance(was, bool)
+                else f"with {_flag(name)} {was}, not {now}"
             )
+            raise GanError(f"checkpoint {cfg.resume} was trained {trained}; drop the flag to continue that run")
     merged = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given})
     done = checkpoint["epoch"]
     if checkpoint["step"] == 0 and done >= merged.epochs:
@@ -1090,7 +1093,11 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
+    # Serialised in memory first: torch's zip writer turns a failed file write (disk full) into an
+    # unrelated RuntimeError, while one plain write reports the OSError itself.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path: str | Path, *formats: str) -> dict[str, Any]:

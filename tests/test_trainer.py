@@ -78,7 +78,9 @@ def test_default_out_dir_is_new_each_run(data_dir: Path, tmp_path: Path, monkeyp
     assert first.exit_code == second.exit_code == 0
     assert first.out_dir != second.out_dir
     assert first.out_dir.parent.resolve() == second.out_dir.parent.resolve() == (tmp_path / "outputs").resolve()
-    assert (first.out_dir / "checkpoints" / "last.pt").exists() and (second.out_dir / "checkpoints" / "last.pt").exists()
+    assert (first.out_dir / "checkpoints" / "last.pt").exists() and (
+        second.out_dir / "checkpoints" / "last.pt"
+    ).exists()
 
 
 def test_resume_is_bit_identical(train, tmp_path: Path) -> None:
@@ -134,8 +136,17 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(train, tmp_path: Path, mo
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_checkpoint_and_says_how_to_resume(data_dir: Path, tmp_path: Path, sig: int) -> None:
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "gan_mnist.py"), "--data-dir", str(data_dir), "--out-dir", str(out),
-           "--epochs", "100000", *FAST[:-1]]  # not --quiet: the progress bar must not get in the way
+    cmd = [
+        sys.executable,
+        str(ROOT / "gan_mnist.py"),
+        "--data-dir",
+        str(data_dir),
+        "--out-dir",
+        str(out),
+        "--epochs",
+        "100000",
+        *FAST[:-1],
+    ]  # not --quiet: the progress bar must not get in the way
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stdout:  # wait for the first finished epoch
@@ -193,9 +204,19 @@ def test_refuses_to_overwrite_a_run(train, tmp_path: Path, capsys: pytest.Captur
 @pytest.mark.parametrize(
     "flags",
     [
-        ["--epochs", "0"], ["--epochs", "-3"], ["--epochs", "two"], ["--batch-size", "0"], ["--lr", "0"],
-        ["--lr", "-1e-3"], ["--subset", "10"], ["--b1", "1.5"], ["--latent-dim", "0"], ["--device", "gpu0"],
-        ["--sample-every", "0"], ["--no-such-flag"], ["--threads", "-1"],
+        ["--epochs", "0"],
+        ["--epochs", "-3"],
+        ["--epochs", "two"],
+        ["--batch-size", "0"],
+        ["--lr", "0"],
+        ["--lr", "-1e-3"],
+        ["--subset", "10"],
+        ["--b1", "1.5"],
+        ["--latent-dim", "0"],
+        ["--device", "gpu0"],
+        ["--sample-every", "0"],
+        ["--no-such-flag"],
+        ["--threads", "-1"],
     ],
 )
 def test_bad_flags_are_usage_errors(data_dir: Path, flags: list[str], capsys: pytest.CaptureFixture) -> None:
@@ -211,9 +232,18 @@ def test_help_documents_every_flag_with_its_default(capsys: pytest.CaptureFixtur
     text = capsys.readouterr().out
     blocks = re.split(r"\n  (?=--)", text)[1:]  # one block per option, as argparse lays them out
     help_of = {block.split()[0]: " ".join(block.split()) for block in blocks}
-    for flag, default in [("--epochs", "200"), ("--batch-size", "64"), ("--lr", "0.0002"), ("--b1", "0.5"),
-                          ("--b2", "0.999"), ("--latent-dim", "100"), ("--data-dir", "'./data'"),
-                          ("--sample-every", "1"), ("--checkpoint-every", "10"), ("--device", "'auto'")]:
+    for flag, default in [
+        ("--epochs", "200"),
+        ("--batch-size", "64"),
+        ("--lr", "0.0002"),
+        ("--b1", "0.5"),
+        ("--b2", "0.999"),
+        ("--latent-dim", "100"),
+        ("--data-dir", "'./data'"),
+        ("--sample-every", "1"),
+        ("--checkpoint-every", "10"),
+        ("--device", "'auto'"),
+    ]:
         assert f"(default: {default})" in help_of[flag], (flag, help_of[flag])
     for flag in ("--out-dir", "--seed", "--subset", "--resume", "--quiet", "--threads"):
         assert flag in text

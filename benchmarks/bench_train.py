@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""Training speed of gan_mnist against a faithful copy of the tutorial's loop, measured side by side.
+
+    python benchmarks/bench_train.py --data-dir ../shared/data                 # steps/s, both loops, one JSON line
+    python benchmarks/bench_train.py --data-dir ../shared/data --threads 1
+    python benchmarks/bench_train.py --data-dir ../shared/data --mode run --epochs 2   # a whole run, end to end
+
+Step mode: the seed-style baseline (torchvision DataLoader with per-image ToTensor + Normalize, Sigmoid +
+BCELoss, default Adam, two .item() per step) and gan_mnist's own train_step (with the batch gather it does
+in training) run the same models, batch size, data and device, after a warm-up, in alternating rounds so
+that a slow moment of a shared machine hits both. Ratios are the figure to trust, not absolute times.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as gan_mnist.py does, before torch loads
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torchvision import transforms  # noqa: E402
+
+import gan_mnist  # noqa: E402
+
+
+class SeedLoop:
+    """The tutorial's training loop, faithfully: what gan_mnist is measured against."""
+
+    def __init__(self, data_dir: str, batch_size: int, device: torch.device) -> None:
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+        dataset = torchvision.datasets.MNIST(data_dir, train=True, transform=transform, download=True)
+        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
+        self.batches = iter(self.loader)
+        self.device = device
+        self.G = nn.Sequential(
+            nn.Linear(100, 256),
+            nn.LeakyReLU(0.2),
+            nn.Linear(256, 512),
+            nn.LeakyReLU(0.2),
+            nn.Linear(512, 1024),
+            nn.LeakyReLU(0.2),
+            nn.Linear(1024, 784),
+            nn.Tanh(),
+        ).to(device)
+        self.D = nn.Sequential(
+            nn.Linear(784, 512),
+            nn.LeakyReLU(0.2),
+            nn.Linear(512, 256),
+            nn.LeakyReLU(0.2),
+            nn.Linear(256, 1),
+            nn.Sigmoid(),
+        ).to(device)
+        self.criterion = nn.BCELoss()
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        self.losses: list[tuple[float, float]] = []
+
+    def step(self) -> None:
+        try:
+            real_images, _ = next(self.batches)
+        except StopIteration:
+            self.batches = iter(self.loader)
+            real_images, _ = next(self.batches)
+        real_images = real_images.view(-1, 784).to(self.device)
+        batch_size = real_images.size(0)
+        real_labels = torch.ones(batch_size, 1).to(self.device)
+        fake_labels = torch.zeros(batch_size, 1).to(self.device)
+        # Train the discriminator
+        d_loss_real = self.criterion(self.D(real_images), real_labels)
+        z = torch.randn(batch_size, 100).to(self.device)
+        fake_images = self.G(z)
+        d_loss_fake = self.criterion(self.D(fake_images.detach()), fake_labels)
+        d_loss = d_loss_real + d_loss_fake
+        self.opt_d.zero_grad()
+        d_loss.backward()
+        self.opt_d.step()
+        # Train the generator
+        g_loss = self.criterion(self.D(fake_images), real_labels)
+        self.opt_g.zero_grad()
+        g_loss.backward()
+        self.opt_g.step()
+        self.losses.append((d_loss.item(), g_loss.item()))
+
+
+class GanMnistLoop:
+    """gan_mnist's training step exactly as its trainer drives it: data on the device, index batches."""
+
+    def __init__(self, data_dir: str, batch_size: int, device: torch.device, cuda_graph: bool) -> None:
+        cfg = gan_mnist.Config(batch_size=batch_size)
+        images, _ = gan_mnist.load_mnist(data_dir, train=True)
+        self.data = gan_mnist.to_model_range(images, device)
+        self.nets = gan_mnist.build_nets(cfg, device, capturable=cuda_graph)
+        self.step_fn = (
+            gan_mnist.CudaGraphStep(self.nets, batch_size, False, device)
+            if cuda_graph
+            else lambda real, labels: gan_mnist.train_step(self.nets, real, labels)
+        )
+        self.rng = torch.Generator().manual_seed(0)
+        self.batch_size, self.device, self.batches = batch_size, device, []
+
+    def step(self) -> None:
+        if not self.batches:
+            self.batches = gan_mnist.epoch_batches(len(self.data), self.batch_size, self.rng)[::-1]
+        idx = self.batches.pop().to(self.device, non_blocking=True)
+        self.step_fn(self.data[idx], None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def timed(loop: SeedLoop | GanMnistLoop, steps: int, device: torch.device) -> float:
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        loop.step()
+    if isinstance(loop, GanMnistLoop):
+        loop.nets.stats.sum().item()  # the trainer reads its statistics once per epoch; count one read
+    sync(device)
+    return time.perf_counter() - started
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def bench_steps(args: argparse.Namespace, device: torch.device) -> dict:
+    seed = SeedLoop(args.data_dir, args.batch_size, device)
+    ours = GanMnistLoop(args.data_dir, args.batch_size, device, args.cuda_graph and device.type == "cuda")
+    for loop in (seed, ours):
+        timed(loop, args.warmup, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    per_round = max(1, args.steps // args.rounds)
+    seed_time = ours_time = 0.0
+    for _ in range(args.rounds):
+        seed_time += timed(seed, per_round, device)
+        ours_time += timed(ours, per_round, device)
+    steps = per_round * args.rounds
+    return {
+        "mode": "step",
+        "baseline_steps_per_s": round(steps / seed_time, 2),
+        "gan_mnist_steps_per_s": round(steps / ours_time, 2),
+        "ratio": round(seed_time / ours_time, 2),
+        "steps": steps,
+        "cuda_graph": bool(args.cuda_graph and device.type == "cuda"),
+    }
+
+
+def bench_run(args: argparse.Namespace, device: torch.device) -> dict:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [
+            "--data-dir",
+            args.data_dir,
+            "--out-dir",
+            f"{tmp}/run",
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--device",
+            str(device),
+            "--threads",
+            str(args.threads),
+            "--eval-every",
+            "-1",
+            "--quiet",
+        ]
+        if args.cuda_graph:
+            argv.append("--cuda-graph")
+        started = time.perf_counter()
+        result = gan_mnist.main(argv)
+        wall = time.perf_counter() - started
+    if result.exit_code:
+        raise SystemExit(f"the run failed with exit code {result.exit_code}")
+    train_seconds = sum(row["seconds"] for row in result.history)
+    return {
+        "mode": "run",
+        "epochs": args.epochs,
+        "wall_seconds": round(wall, 2),
+        "train_seconds": round(train_seconds, 2),
+        "seconds_per_epoch": round(train_seconds / args.epochs, 2),
+        "projected_200_epochs_minutes": round(200 * wall / args.epochs / 60, 1),
+        "cuda_graph": bool(args.cuda_graph and device.type == "cuda"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["step", "run"], default="step")
+    parser.add_argument("--data-dir", default="./data")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, default=600, help="timed steps per loop (step mode)")
+    parser.add_argument("--warmup", type=int, default=50, help="untimed steps per loop first (step mode)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds (step mode)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of a whole run (run mode)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = gan_mnist's automatic choice)")
+    parser.add_argument("--cuda-graph", action="store_true", help="gan_mnist side captures CUDA graphs")
+    args = parser.parse_args()
+
+    device = gan_mnist.resolve_device(args.device)
+    args.threads = args.threads or gan_mnist.auto_threads()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    result = bench_steps(args, device) if args.mode == "step" else bench_run(args, device)
+    peak = (
+        torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    result.update(
+        {
+            "device": str(device),
+            "device_name": device_name(device),
+            "torch": str(torch.__version__),
+            "threads": torch.get_num_threads(),
+            "batch_size": args.batch_size,
+            ("peak_gpu_memory_mib" if device.type == "cuda" else "peak_rss_mib"): round(peak / 2**20, 1),
+        }
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
