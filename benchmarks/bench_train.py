@@ -5,6 +5,9 @@
     python benchmarks/bench_train.py --data-dir ../shared/data --threads 1
     python benchmarks/bench_train.py --data-dir ../shared/data --mode run --epochs 2   # a whole run, end to end
 
+Threads: by default each loop runs as its own program would, the baseline with torch's default thread count
+(what the tutorial gets) and gan_mnist with its automatic choice; --threads N puts both on N.
+
 Step mode: the seed-style baseline (torchvision DataLoader with per-image ToTensor + Normalize, Sigmoid +
 BCELoss, default Adam, two .item() per step) and gan_mnist's own train_step (with the batch gather it does
 in training) run the same models, batch size, data and device, after a warm-up, in alternating rounds so
@@ -12,10 +15,6 @@ that a slow moment of a shared machine hits both. Ratios are the figure to trust
 """
 
 from __future__ import annotations
-
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as gan_mnist.py does, before torch loads
 
 import argparse
 import json
@@ -33,6 +32,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 import gan_mnist  # noqa: E402
+
+DEFAULT_THREADS = torch.get_num_threads()  # what a plain script gets
 
 
 class SeedLoop:
@@ -97,8 +98,8 @@ class SeedLoop:
 class GanMnistLoop:
     """gan_mnist's training step exactly as its trainer drives it: data on the device, index batches."""
 
-    def __init__(self, data_dir: str, batch_size: int, device: torch.device, cuda_graph: bool) -> None:
-        cfg = gan_mnist.Config(batch_size=batch_size)
+    def __init__(self, data_dir: str, batch_size: int, device: torch.device, cuda_graph: bool, precision: str) -> None:
+        cfg = gan_mnist.Config(batch_size=batch_size, precision=precision)
         images, _ = gan_mnist.load_mnist(data_dir, train=True)
         self.data = gan_mnist.to_model_range(images, device)
         self.nets = gan_mnist.build_nets(cfg, device, capturable=cuda_graph)
@@ -125,6 +126,7 @@ def sync(device: torch.device) -> None:
 
 
 def timed(loop: SeedLoop | GanMnistLoop, steps: int, device: torch.device) -> float:
+    torch.set_num_threads(loop.threads)
     sync(device)
     started = time.perf_counter()
     for _ in range(steps):
@@ -145,7 +147,11 @@ def device_name(device: torch.device) -> str:
 
 def bench_steps(args: argparse.Namespace, device: torch.device) -> dict:
     seed = SeedLoop(args.data_dir, args.batch_size, device)
-    ours = GanMnistLoop(args.data_dir, args.batch_size, device, args.cuda_graph and device.type == "cuda")
+    ours = GanMnistLoop(
+        args.data_dir, args.batch_size, device, args.cuda_graph and device.type == "cuda", args.precision
+    )
+    seed.threads = args.threads or DEFAULT_THREADS
+    ours.threads = args.threads or gan_mnist.auto_threads()
     for loop in (seed, ours):
         timed(loop, args.warmup, device)
     if device.type == "cuda":
@@ -163,6 +169,9 @@ def bench_steps(args: argparse.Namespace, device: torch.device) -> dict:
         "ratio": round(seed_time / ours_time, 2),
         "steps": steps,
         "cuda_graph": bool(args.cuda_graph and device.type == "cuda"),
+        "baseline_threads": seed.threads,
+        "gan_mnist_threads": ours.threads,
+        "gan_mnist_bf16": ours.nets.bf16,
     }
 
 
@@ -183,6 +192,8 @@ def bench_run(args: argparse.Namespace, device: torch.device) -> dict:
             str(device),
             "--threads",
             str(args.threads),
+            "--precision",
+            args.precision,
             "--eval-every",
             "-1",
             "--quiet",
@@ -216,13 +227,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds (step mode)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=1, help="epochs of a whole run (run mode)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = gan_mnist's automatic choice)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for both loops (0 = each its default)")
+    parser.add_argument("--precision", default="auto", help="gan_mnist's --precision (auto, fp32, bf16)")
     parser.add_argument("--cuda-graph", action="store_true", help="gan_mnist side captures CUDA graphs")
     args = parser.parse_args()
 
     device = gan_mnist.resolve_device(args.device)
-    args.threads = args.threads or gan_mnist.auto_threads()
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     result = bench_steps(args, device) if args.mode == "step" else bench_run(args, device)
     peak = (
@@ -235,7 +245,6 @@ def main() -> None:
             "device": str(device),
             "device_name": device_name(device),
             "torch": str(torch.__version__),
-            "threads": torch.get_num_threads(),
             "batch_size": args.batch_size,
             ("peak_gpu_memory_mib" if device.type == "cuda" else "peak_rss_mib"): round(peak / 2**20, 1),
         }

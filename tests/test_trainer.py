@@ -217,6 +217,7 @@ def test_refuses_to_overwrite_a_run(train, tmp_path: Path, capsys: pytest.Captur
         ["--sample-every", "0"],
         ["--no-such-flag"],
         ["--threads", "-1"],
+        ["--precision", "fp8"],
     ],
 )
 def test_bad_flags_are_usage_errors(data_dir: Path, flags: list[str], capsys: pytest.CaptureFixture) -> None:

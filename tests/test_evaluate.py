@@ -1,0 +1,169 @@
+"""evaluate: the judge network, the metrics' floors and ceilings, the command and training-time evaluation.
+On the tiny subset the judge is a small one (trained in about a second); the full-MNIST judge is `slow`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, load
+from test_trainer import one_line_error
+from torch import nn
+
+import gan_mnist
+
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def evaluator(data_dir: Path) -> gan_mnist.Evaluator:
+    return gan_mnist.Evaluator(data_dir, "", num=256, quiet=True)
+
+
+def test_real_digits_score_near_the_floor_and_noise_far_from_it(evaluator, data_dir: Path) -> None:
+    images, _ = gan_mnist.load_mnist(data_dir)
+    real = evaluator.score(gan_mnist.to_model_range(images[256:512]))  # not the digits the floor used
+    floor = evaluator.floor
+    noise = evaluator.score(torch.rand(256, 1, 28, 28) * 2 - 1)
+
+    assert real["fid"] < 2 * floor["fid"] + 1
+    assert noise["fid"] > 10 * real["fid"]
+    assert real["inception_score"] > 0.7 * floor["inception_score"] and real["inception_score"] <= 10
+    assert noise["inception_score"] < 0.5 * real["inception_score"]
+    assert real["modes_covered"] >= 9 and sum(real["class_histogram"]) == pytest.approx(1, abs=1e-3)
+    assert real["precision"] > 0.5 and real["recall"] > 0.5
+    assert noise["recall"] < 0.05  # (k-NN precision alone is fooled by outlying real digits: see README)
+
+
+class OneDigit(nn.Module):
+    """A collapsed generator: the same digit whatever the noise."""
+
+    latent_dim, num_classes = 100, 0
+
+    def __init__(self, digit: torch.Tensor) -> None:
+        super().__init__()
+        self.digit = nn.Parameter(digit, requires_grad=False)
+
+    def forward(self, z: torch.Tensor, labels=None) -> torch.Tensor:
+        return self.digit.expand(len(z), 1, 28, 28)
+
+
+def test_a_collapsed_generator_covers_one_mode(evaluator, data_dir: Path) -> None:
+    images, _ = gan_mnist.load_mnist(data_dir, train=False)
+    metrics = evaluator(OneDigit(gan_mnist.to_model_range(images[:1])[0]))
+    assert metrics["modes_covered"] == 1
+    assert max(metrics["class_histogram"]) == 1.0
+    assert metrics["kl_to_uniform"] == pytest.approx(math.log(10), abs=1e-6)
+    assert metrics["recall"] < 0.05
+
+
+def test_judge_cache_is_reused_and_retrained_when_corrupt(data_dir: Path, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "judge.pt"
+    _, first = gan_mnist.load_or_train_judge(path, data_dir, quiet=True)
+    _, again = gan_mnist.load_or_train_judge(path, data_dir, quiet=True)
+    assert again == first, "a valid cache is loaded, not retrained"
+    saved = load(path)
+    assert saved["sha256"] == first["sha256"] == gan_mnist.weights_sha256(saved["state_dict"])
+
+    saved["state_dict"]["classifier.bias"] += 1.0  # tampered weights, stale hash
+    torch.save(saved, path)
+    capsys.readouterr()
+    _, retrained = gan_mnist.load_or_train_judge(path, data_dir, quiet=True)
+    assert "do not match their recorded hash" in capsys.readouterr().err
+    assert retrained["sha256"] == first["sha256"], "retraining is seeded: the same judge again"
+
+    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    _, retrained = gan_mnist.load_or_train_judge(path, data_dir, quiet=True)
+    assert "retraining the judge" in capsys.readouterr().err and retrained["sha256"] == first["sha256"]
+
+
+def test_evaluate_command_prints_json_and_writes_metrics(train, data_dir: Path, tmp_path: Path, capsys) -> None:
+    assert train("run", "--epochs", "1").exit_code == 0
+    capsys.readouterr()
+    ckpt = tmp_path / "run" / "generator.pt"
+    result = gan_mnist.main(["evaluate", "--checkpoint", str(ckpt), "--num", "256", "--data-dir", str(data_dir)])
+    assert result.exit_code == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert printed == saved == json.loads(json.dumps(result.metrics))
+    for key in (
+        "fid",
+        "inception_score",
+        "modes_covered",
+        "class_histogram",
+        "kl_to_uniform",
+        "precision",
+        "recall",
+        "real_floor",
+        "judge",
+        "epoch",
+        "weights",
+    ):
+        assert key in saved, key
+    assert saved["weights"] == "ema" and saved["epoch"] == 1 and saved["num_samples"] == 256
+    assert 1 <= saved["inception_score"] <= 10 and saved["fid"] > saved["real_floor"]["fid"]
+
+    raw = gan_mnist.main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(tmp_path / "run/checkpoints/last.pt"),
+            "--raw",
+            "--num",
+            "256",
+            "--data-dir",
+            str(data_dir),
+        ]
+    )
+    assert raw.metrics["weights"] == "raw" and raw.metrics["fid"] != saved["fid"]
+
+
+def test_evaluate_on_a_corrupt_checkpoint_is_a_clear_error(tmp_path: Path, data_dir: Path, capsys) -> None:
+    bad = tmp_path / "generator.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    assert gan_mnist.main(["evaluate", "--checkpoint", str(bad), "--data-dir", str(data_dir)]).exit_code == 1
+    assert "cannot read checkpoint" in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_eval_every_writes_metrics_csv_and_plot(train, tmp_path: Path) -> None:
+    result = train("run", "--epochs", "2", "--eval-every", "1", "--eval-num", "256")
+    assert result.exit_code == 0
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert all(float(r["fid"]) > 0 and 1 <= float(r["inception_score"]) <= 10 for r in rows)
+    assert (tmp_path / "run" / "metrics.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epoch"] == 2
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    assert gan_mnist.main(["--resume", str(last), "--epochs", "3", "--threads", "1", "--quiet"]).exit_code == 0
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"], "the metrics history carries on after a resume"
+
+
+def test_ema_weights_are_what_samples_and_generator_use(train, tmp_path: Path) -> None:
+    assert train("ema", "--epochs", "1").exit_code == 0
+    assert train("plain", "--epochs", "1", "--ema-decay", "0").exit_code == 0
+    ema_ckpt, ema_gen = load(tmp_path / "ema/checkpoints/last.pt"), load(tmp_path / "ema/generator.pt")
+    assert ema_gen["ema"] and all(torch.equal(ema_ckpt["ema"][k], v) for k, v in ema_gen["state_dict"].items())
+    assert not all(torch.equal(ema_ckpt["generator"][k], v) for k, v in ema_gen["state_dict"].items())
+    plain_ckpt, plain_gen = load(tmp_path / "plain/checkpoints/last.pt"), load(tmp_path / "plain/generator.pt")
+    assert plain_ckpt["ema"] is None and not plain_gen["ema"]
+    assert all(torch.equal(plain_ckpt["generator"][k], v) for k, v in plain_gen["state_dict"].items())
+    # the raw G trains identically with or without the EMA beside it
+    assert all(torch.equal(plain_ckpt["generator"][k], v) for k, v in ema_ckpt["generator"].items())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "MNIST" / "raw").is_dir(), reason="needs the full MNIST in ../shared/data")
+def test_full_mnist_judge_reaches_99_percent_and_separates_noise(tmp_path: Path) -> None:
+    evaluator = gan_mnist.Evaluator(SHARED, tmp_path / "judge.pt", num=10000, quiet=True)
+    assert evaluator.judge_info["test_accuracy"] >= 0.99 and evaluator.judge_info["train_images"] == 60000
+    floor = evaluator.floor
+    assert floor["fid"] < 5 and floor["inception_score"] > 9.5 and floor["modes_covered"] == 10
+    noise = evaluator.score(torch.rand(10000, 1, 28, 28) * 2 - 1)
+    assert noise["fid"] > 100 * floor["fid"] and noise["inception_score"] < 1.5 and noise["recall"] < 0.01
+    assert noise["precision"] < 0.5 * floor["precision"]
