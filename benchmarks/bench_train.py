@@ -101,7 +101,7 @@ class GanMnistLoop:
     def __init__(self, data_dir: str, batch_size: int, device: torch.device, cuda_graph: bool, precision: str) -> None:
         cfg = gan_mnist.Config(batch_size=batch_size, precision=precision)
         images, _ = gan_mnist.load_mnist(data_dir, train=True)
-        self.data = gan_mnist.to_model_range(images, device)
+        self.data = images.to(device)
         self.nets = gan_mnist.build_nets(cfg, device, capturable=cuda_graph)
         self.step_fn = (
             gan_mnist.CudaGraphStep(self.nets, batch_size, False, device)
@@ -115,7 +115,7 @@ class GanMnistLoop:
         if not self.batches:
             self.batches = gan_mnist.epoch_batches(len(self.data), self.batch_size, self.rng)[::-1]
         idx = self.batches.pop().to(self.device, non_blocking=True)
-        self.step_fn(self.data[idx], None)
+        self.step_fn(gan_mnist.to_model_range(self.data[idx]), None)
 
 
 def sync(device: torch.device) -> None:

@@ -133,14 +133,14 @@ def test_evaluate_on_a_corrupt_checkpoint_is_a_clear_error(tmp_path: Path, data_
 def test_eval_every_writes_metrics_csv_and_plot(train, tmp_path: Path) -> None:
     result = train("run", "--epochs", "2", "--eval-every", "1", "--eval-num", "256")
     assert result.exit_code == 0
-    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").read_text().splitlines()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert all(float(r["fid"]) > 0 and 1 <= float(r["inception_score"]) <= 10 for r in rows)
     assert (tmp_path / "run" / "metrics.png").stat().st_size > 1000
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epoch"] == 2
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     assert gan_mnist.main(["--resume", str(last), "--epochs", "3", "--threads", "1", "--quiet"]).exit_code == 0
-    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").read_text().splitlines()))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"], "the metrics history carries on after a resume"
 
 

@@ -69,6 +69,7 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint(data_dir: Path, tmp_
         proc.wait(timeout=30)
     finally:
         proc.kill()
+        proc.communicate()
     ckpt_dir = out / "checkpoints"
     assert list(ckpt_dir.glob(".last.pt.tmp*")), "the half-written file went to a temporary name"
     assert load(ckpt_dir / "last.pt")["epoch"] == 1, "last.pt is the intact epoch-1 checkpoint"
@@ -252,7 +253,7 @@ def test_second_process_on_a_training_folder_is_refused(data_dir: Path, tmp_path
         assert "already holds a run" in one_line_error(capsys.readouterr().err)
     finally:
         first.send_signal(signal.SIGKILL)  # a crash: no clean-up of the lock file
-        first.wait(timeout=30)
+        first.communicate(timeout=30)
     epoch = load(out / "checkpoints" / "last.pt")["epoch"]
     result = gan_mnist.main(["--resume", last, "--epochs", str(epoch + 1), "--threads", "1", "--quiet"])
     assert result.exit_code == 0, "a crashed run's lock does not block its resume"

@@ -49,7 +49,7 @@ def test_short_run_leaves_every_output(train, tmp_path: Path) -> None:
     with Image.open(run / "losses.png") as plot:
         assert plot.size[0] > 400
 
-    rows = list(csv.DictReader((run / "losses.csv").open()))
+    rows = list(csv.DictReader((run / "losses.csv").read_text().splitlines()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert list(rows[0]) == ["epoch", "d_loss", "g_loss", "d_x", "d_g_z", "seconds"]
     for row in rows:
@@ -98,8 +98,8 @@ def test_resume_is_bit_identical(train, tmp_path: Path) -> None:
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name])
     # the run's record carries on: same CSV numbers, both sample grids, a 2-frame GIF
-    straight_rows = list(csv.reader((tmp_path / "straight/losses.csv").open()))
-    split_rows = list(csv.reader((tmp_path / "split/losses.csv").open()))
+    straight_rows = list(csv.reader((tmp_path / "straight/losses.csv").read_text().splitlines()))
+    split_rows = list(csv.reader((tmp_path / "split/losses.csv").read_text().splitlines()))
     assert [r[:5] for r in straight_rows] == [r[:5] for r in split_rows]
     assert (tmp_path / "split/samples/epoch_0001.png").exists() and (tmp_path / "split/samples/epoch_0002.png").exists()
     with Image.open(tmp_path / "split/progress.gif") as gif:
@@ -157,6 +157,7 @@ def test_signal_saves_checkpoint_and_says_how_to_resume(data_dir: Path, tmp_path
         out_text, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
+        proc.communicate()
     assert proc.returncode == 128 + sig
     assert "Traceback" not in err
     assert "Resume with: python gan_mnist.py --resume" in err and str(out / "checkpoints" / "last.pt") in err
