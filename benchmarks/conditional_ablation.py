@@ -5,9 +5,10 @@ training set and prints, per variant, one JSON line with the judge's per-digit a
     python benchmarks/conditional_ablation.py --data-dir ../shared/data --epochs 10 --judge judge.pt
 
 Variants (G's label input / how D sees the label):
-  concat      10-d embedding joined to z / 10-d embedding joined to the image (the plain version)
-  projection  10-d embedding joined to z / projection term <embed(y), features(x)> (Miyato & Koyama 2018)
-  shipped     50-d embedding joined to z / projection term: what gan_mnist --conditional trains
+  concat         10-d embedding joined to z / 10-d embedding joined to the image (the plain version)
+  projection     10-d embedding joined to z / projection term <embed(y), features(x)> (Miyato & Koyama
+                 2018): what gan_mnist --conditional trains
+  projection-50  50-d embedding joined to z / projection term
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class ConcatDiscriminator(gan_mnist.Discriminator):
 VARIANTS = {
     "concat": (10, ConcatDiscriminator),
     "projection": (10, gan_mnist.Discriminator),
-    "shipped": (50, gan_mnist.Discriminator),
+    "projection-50": (50, gan_mnist.Discriminator),
 }
 
 
