@@ -113,7 +113,9 @@ class Config:
     keep_checkpoints: int = _f(5, "keep only the newest N periodic checkpoints (0 = keep all)", metavar="N")
     eval_every: int = _f(0, "evaluate every N epochs into metrics.csv (0 = once at the end, -1 = never)", metavar="N")
     eval_num: int = _f(10000, "generated digits per evaluation", metavar="N")
-    judge: str = _f("", "judge network cache (default: DATA_DIR/MNIST/gan_mnist_judge.pt)", metavar="PATH")
+    judge: str = _f(
+        "", "judge network cache (default: ~/.cache/gan_mnist/judge-<hash of the training digits>.pt)", metavar="PATH"
+    )
     resume: str = _f(
         "", "continue the run saved in this checkpoint (e.g. outputs/run/checkpoints/last.pt)", metavar="PATH"
     )
@@ -951,6 +953,14 @@ def train_judge(data_dir: str | Path, quiet: bool = False) -> tuple[Judge, float
     return judge.eval(), judge_accuracy(judge, x_test, test_labels), len(x)
 
 
+def default_judge_path(train_images: Tensor) -> Path:
+    """The user's cache (like torch hub's), not the data folder, which may be read-only or shared; keyed by
+    the training digits, so a judge trained on a subset is never taken for the full set's."""
+    digest = hashlib.sha256(train_images.cpu().numpy().tobytes()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "gan_mnist" / f"judge-{digest}.pt"
+
+
 def load_or_train_judge(path: Path, data_dir: str | Path, quiet: bool = False) -> tuple[Judge, dict[str, Any]]:
     """The judge cached at `path`; trained (about 30 s on 2 CPU cores) when missing, corrupt or tampered."""
     if path.is_file():
@@ -982,7 +992,9 @@ def load_or_train_judge(path: Path, data_dir: str | Path, quiet: bool = False) -
         path.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(path, {"format": JUDGE_FORMAT, "version": FORMAT_VERSION, "state_dict": state_dict, **info})
     except (GanError, OSError) as exc:  # a read-only data folder costs a retrain next time, nothing more
-        print(f"note: the judge network is not cached ({exc}); pass --judge PATH to cache it", file=sys.stderr)
+        print(
+            f"note: the judge network is not cached ({exc}); pass --judge PATH to cache it elsewhere", file=sys.stderr
+        )
     return judge, info
 
 
@@ -1060,18 +1072,17 @@ class Evaluator:
         train_images: Tensor | None = None,  # the trainer's copy (uint8), saving a second read of MNIST
     ) -> None:
         self.num = num
-        path = Path(judge_path) if judge_path else Path(data_dir) / "MNIST" / "gan_mnist_judge.pt"
+        if train_images is None:
+            train_images, _ = load_mnist(data_dir, train=True)
+        path = Path(judge_path) if judge_path else default_judge_path(train_images)
         self.judge, self.judge_info = load_or_train_judge(path, data_dir, quiet)
         with compact_heap():
             self._reference(data_dir, train_images)
 
-    def _reference(self, data_dir: str | Path, train_images: Tensor | None) -> None:
-        num = self.num
+    def _reference(self, data_dir: str | Path, train_images: Tensor) -> None:
         test_images, _ = load_mnist(data_dir, train=False)
         self.test_feats, _ = judge_outputs(self.judge, to_model_range(test_images))
-        if train_images is None:
-            train_images, _ = load_mnist(data_dir, train=True)
-        real = to_model_range(train_images[:num].cpu())
+        real = to_model_range(train_images[: self.num].cpu())
         self.floor = sample_metrics(*judge_outputs(self.judge, real), self.test_feats)
 
     @torch.no_grad()
@@ -1336,6 +1347,7 @@ def generate(args: argparse.Namespace) -> Result:
     if out.suffix.lower() not in (".png", ".npy"):
         raise GanError(f"--out {out}: the file must end in .png or .npy")
     device = resolve_device(args.device)
+    torch.set_num_threads(auto_threads())
     G, _ = load_generator(args.checkpoint, device)
     torch.manual_seed(args.seed)
     labels, nrow = None, max(1, int(math.sqrt(args.num)))
@@ -1374,7 +1386,10 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=10000, help="generated digits to score (default: 10000)")
     p.add_argument("--data-dir", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
     p.add_argument(
-        "--judge", default="", metavar="PATH", help="judge network cache (default: DATA_DIR/MNIST/gan_mnist_judge.pt)"
+        "--judge",
+        default="",
+        metavar="PATH",
+        help="judge network cache (default: ~/.cache/gan_mnist/judge-<hash of the training digits>.pt)",
     )
     p.add_argument("--raw", action="store_true", help="score the raw generator of a checkpoint, not its EMA")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
@@ -1385,6 +1400,7 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
 
 def evaluate_command(args: argparse.Namespace) -> Result:
     device = resolve_device(args.device)
+    torch.set_num_threads(auto_threads())
     G, obj = load_generator(args.checkpoint, device, raw=args.raw)  # a bad checkpoint fails before any work
     metrics = Evaluator(args.data_dir, args.judge, args.num)(G, seed=args.seed)
     ema = obj["ema"] if obj["format"] == GENERATOR_FORMAT else obj.get("ema") is not None and not args.raw

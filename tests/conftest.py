@@ -21,9 +21,17 @@ TEST_DATA = Path(__file__).resolve().parent / "data"
 FAST = ["--batch-size", "64", "--threads", "1", "--eval-every", "-1", "--quiet"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def judge_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The judge network's cache goes to a temporary folder, never the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A session-wide copy of tests/data, so that caches written beside the data never land in the repo."""
+    """A session-wide copy of tests/data: tests that damage data work on copies of their own."""
     target = tmp_path_factory.mktemp("mnist") / "data"
     shutil.copytree(TEST_DATA, target)
     return target

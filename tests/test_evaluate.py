@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,14 @@ def test_a_collapsed_generator_covers_one_mode(evaluator, data_dir: Path) -> Non
     assert max(metrics["class_histogram"]) == 1.0
     assert metrics["kl_to_uniform"] == pytest.approx(math.log(10), abs=1e-6)
     assert metrics["recall"] < 0.05
+
+
+def test_judge_is_cached_outside_the_data_folder(evaluator, data_dir: Path) -> None:
+    images, _ = gan_mnist.load_mnist(data_dir)
+    path = gan_mnist.default_judge_path(images)
+    assert path.is_file() and Path(os.environ["XDG_CACHE_HOME"]) in path.parents
+    assert not list(data_dir.rglob("*.pt")), "nothing is written into the data folder"
+    assert gan_mnist.default_judge_path(images[:100]) != path, "another training set, another judge"
 
 
 def test_judge_cache_is_reused_and_retrained_when_corrupt(data_dir: Path, tmp_path: Path, capsys) -> None:
