@@ -717,14 +717,13 @@ def _train_locked(cfg: Config, run_dir: Path, device: torch.device, checkpoint: 
     if use_graph:
         step_fn = CudaGraphStep(nets, cfg.batch_size, cfg.conditional, device)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
-    say = print
-    say(
+    print(
         f"gan_mnist: training on {device} ({torch.get_num_threads()} CPU threads), {len(data)} images, "
         f"{steps_per_epoch} steps/epoch, epochs {state['epoch'] + 1}..{cfg.epochs} -> {run_dir}",
         flush=True,
     )
     if checkpoint is not None:
-        say(
+        print(
             f"resumed from {cfg.resume} at epoch {state['epoch']}" + (f" step {state['step']}" if state["step"] else "")
         )
 
@@ -781,7 +780,7 @@ def _train_locked(cfg: Config, run_dir: Path, device: torch.device, checkpoint: 
                 "seconds": state["epoch_seconds"],
             }
             state["history"].append(row)
-            say(
+            print(
                 f"epoch {epoch:>4}/{cfg.epochs}  d_loss {means[0]:.4f}  g_loss {means[1]:.4f}  "
                 f"D(x) {means[2]:.3f}  D(G(z)) {means[3]:.3f}  {state['epoch_seconds']:.1f}s "
                 f"({state['epoch_steps'] / state['epoch_seconds']:.0f} steps/s)",
