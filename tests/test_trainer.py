@@ -316,3 +316,56 @@ def test_epoch_batches_are_a_seeded_permutation() -> None:
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert torch.equal(torch.cat(a).sort().values, torch.arange(1000))
     assert len(a[-1]) == 1000 % 64
+
+
+def test_cuda_graph_falls_back_to_eager_without_cuda(train, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this checks the fallback on machines without CUDA")
+    assert train("eager", "--epochs", "1").exit_code == 0
+    capsys.readouterr()
+    assert train("graph", "--epochs", "1", "--cuda-graph").exit_code == 0
+    assert "--cuda-graph needs a CUDA device; training eagerly on cpu" in capsys.readouterr().err
+    a, b = load(tmp_path / "eager/checkpoints/last.pt"), load(tmp_path / "graph/checkpoints/last.pt")
+    assert all(torch.equal(t, b["generator"][k]) for k, t in a["generator"].items())
+
+
+def test_benchmark_prints_one_json_line_with_both_loops(data_dir: Path) -> None:
+    out = (
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "bench_train.py"),
+                "--data-dir",
+                str(data_dir),
+                "--steps",
+                "6",
+                "--warmup",
+                "2",
+                "--rounds",
+                "2",
+                "--threads",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()
+    )
+    result = json.loads(out[-1])
+    for key in (
+        "baseline_steps_per_s",
+        "gan_mnist_steps_per_s",
+        "ratio",
+        "device",
+        "device_name",
+        "torch",
+        "baseline_threads",
+        "gan_mnist_threads",
+        "batch_size",
+        "peak_rss_mib",
+    ):
+        assert key in result, key
+    assert result["steps"] == 6 and result["batch_size"] == 64 and result["ratio"] > 0
