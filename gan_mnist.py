@@ -1349,23 +1349,27 @@ def generate(args: argparse.Namespace) -> Result:
     torch.set_num_threads(auto_threads())
     G, _ = load_generator(args.checkpoint, device)
     torch.manual_seed(args.seed)
+    digit = args.digit
+    if digit is not None and not G.num_classes:
+        raise GanError(f"--digit needs a conditional generator; {args.checkpoint} is unconditional")
+    if digit is None and G.num_classes:
+        digit = "all"  # a conditional model draws one row per digit unless asked for one
     labels, nrow = None, max(1, int(math.sqrt(args.num)))
-    if args.digit is not None:
-        if not G.num_classes:
-            raise GanError(f"--digit needs a conditional generator; {args.checkpoint} is unconditional")
-        if args.digit == "all":
-            labels, nrow = torch.arange(10).repeat_interleave(math.ceil(args.num / 10)), math.ceil(args.num / 10)
-        elif args.digit.isdigit() and 0 <= int(args.digit) <= 9:
-            labels = torch.full((args.num,), int(args.digit))
-        else:
-            raise GanError(f"--digit {args.digit}: choose a digit 0-9 or 'all'")
-    elif G.num_classes:
-        labels, nrow = torch.arange(10).repeat_interleave(math.ceil(args.num / 10)), math.ceil(args.num / 10)
+    if digit == "all":
+        per_row = math.ceil(args.num / 10)
+        labels, nrow = torch.arange(10).repeat_interleave(per_row), per_row
+    elif digit is not None:
+        if not (digit.isdigit() and 0 <= int(digit) <= 9):
+            raise GanError(f"--digit {digit}: choose a digit 0-9 or 'all'")
+        labels = torch.full((args.num,), int(digit))
     num = len(labels) if labels is not None else args.num
     with torch.no_grad():
         z = torch.randn(num, G.latent_dim).to(device)
         images = G(z, None if labels is None else labels.to(device))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GanError(f"cannot create the folder of --out {out}: {exc.strerror or exc}") from exc
     if out.suffix.lower() == ".npy":
         array = to_uint8(images).squeeze(1).numpy()
         atomic_write(out, lambda f: np.save(f, array))

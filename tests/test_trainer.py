@@ -180,6 +180,20 @@ def test_generate_png_and_npy(train, tmp_path: Path) -> None:
         assert array[:, 0, :].mean() < 128
 
 
+def test_generate_errors_are_one_line(train, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert train("run", "--epochs", "1").exit_code == 0
+    ckpt = str(tmp_path / "run" / "generator.pt")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    capsys.readouterr()
+    for out, expected in (
+        (blocker / "x.png", "cannot create the folder"),
+        (tmp_path / "x.jpg", "must end in .png or .npy"),
+    ):
+        assert gan_mnist.main(["generate", "--checkpoint", ckpt, "--out", str(out)]).exit_code == 1
+        assert expected in one_line_error(capsys.readouterr().err)
+
+
 def test_generate_is_seeded(train, tmp_path: Path) -> None:
     assert train("run", "--epochs", "1").exit_code == 0
     ckpt = str(tmp_path / "run" / "generator.pt")
