@@ -1440,6 +1440,8 @@ def main(argv: list[str] | None = None) -> Result:
         run, debug = (lambda: generate(args)), args.debug
     else:
         args = build_evaluate_parser().parse_args(argv[1:])
+        if args.num < 10:  # as --eval-num: FID and the k-NN radii need a sample to speak of
+            build_evaluate_parser().error("--num must be at least 10")
         run, debug = (lambda: evaluate_command(args)), args.debug
     try:
         return run()

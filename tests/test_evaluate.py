@@ -131,6 +131,13 @@ def test_evaluate_command_prints_json_and_writes_metrics(train, data_dir: Path, 
     assert raw.metrics["weights"] == "raw" and raw.metrics["fid"] != saved["fid"]
 
 
+@pytest.mark.parametrize("num", ["0", "-5", "3", "many"])
+def test_evaluate_with_too_few_samples_is_a_usage_error(tmp_path: Path, num: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        gan_mnist.main(["evaluate", "--checkpoint", str(tmp_path / "g.pt"), "--num", num])
+    assert exit_info.value.code == 2 and "usage:" in capsys.readouterr().err
+
+
 def test_evaluate_on_a_corrupt_checkpoint_is_a_clear_error(tmp_path: Path, data_dir: Path, capsys) -> None:
     bad = tmp_path / "generator.pt"
     bad.write_bytes(b"PK\x03\x04 not really a zip")
