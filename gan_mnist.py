@@ -75,6 +75,9 @@ class GanError(Exception):
 # ============================================================================================ 1. config
 
 
+JUDGE_HELP = "judge network cache (default: ~/.cache/gan_mnist/judge-<hash of the training digits>.pt)"
+
+
 def _f(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
@@ -113,9 +116,7 @@ class Config:
     keep_checkpoints: int = _f(5, "keep only the newest N periodic checkpoints (0 = keep all)", metavar="N")
     eval_every: int = _f(0, "evaluate every N epochs into metrics.csv (0 = once at the end, -1 = never)", metavar="N")
     eval_num: int = _f(10000, "generated digits per evaluation", metavar="N")
-    judge: str = _f(
-        "", "judge network cache (default: ~/.cache/gan_mnist/judge-<hash of the training digits>.pt)", metavar="PATH"
-    )
+    judge: str = _f("", JUDGE_HELP, metavar="PATH")
     resume: str = _f(
         "", "continue the run saved in this checkpoint (e.g. outputs/run/checkpoints/last.pt)", metavar="PATH"
     )
@@ -766,7 +767,7 @@ def _train_locked(cfg: Config, run_dir: Path, device: torch.device, checkpoint: 
                 means = (nets.stats / max(1, state["epoch_steps"])).tolist()
                 check_finite(means, epoch, cfg, ckpt_dir)
                 state["epoch_stats"] = nets.stats.detach().cpu()
-                save_checkpoint(ckpt_dir / "last.pt", checkpoint_dict(nets, cfg, state, device))
+                save_checkpoint(checkpoint_dict(nets, cfg, state, device), ckpt_dir / "last.pt")
                 break
 
             means = (nets.stats / state["epoch_steps"]).tolist()
@@ -802,10 +803,10 @@ def _train_locked(cfg: Config, run_dir: Path, device: torch.device, checkpoint: 
             if cfg.eval_every > 0 and epoch % cfg.eval_every == 0 or final and cfg.eval_every == 0:
                 evaluator = evaluator or Evaluator(cfg.data_dir, cfg.judge, cfg.eval_num, cfg.quiet, all_images)
                 evaluate_during_training(cfg, run_dir, nets.sampler(), epoch, evaluator, state["metrics"])
-            ckpt = checkpoint_dict(nets, cfg, state, device)
-            save_checkpoint(ckpt_dir / "last.pt", ckpt)
-            if epoch % cfg.checkpoint_every == 0 or final:
-                save_checkpoint(ckpt_dir / f"epoch_{epoch:04d}.pt", ckpt)
+            periodic = epoch % cfg.checkpoint_every == 0 or final
+            paths = [ckpt_dir / "last.pt"] + ([ckpt_dir / f"epoch_{epoch:04d}.pt"] if periodic else [])
+            save_checkpoint(checkpoint_dict(nets, cfg, state, device), *paths)
+            if periodic:
                 prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
             save_generator(run_dir / "generator.pt", nets, epoch)
 
@@ -989,7 +990,7 @@ def load_or_train_judge(path: Path, data_dir: str | Path, quiet: bool = False) -
         )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(path, {"format": JUDGE_FORMAT, "version": FORMAT_VERSION, "state_dict": state_dict, **info})
+        save_checkpoint({"format": JUDGE_FORMAT, "version": FORMAT_VERSION, "state_dict": state_dict, **info}, path)
     except (GanError, OSError) as exc:  # a read-only data folder costs a retrain next time, nothing more
         print(
             f"note: the judge network is not cached ({exc}); pass --judge PATH to cache it elsewhere", file=sys.stderr
@@ -1186,12 +1187,13 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
-    # Serialised in memory first: torch's zip writer turns a failed file write (disk full) into an
-    # unrelated RuntimeError, while one plain write reports the OSError itself.
+def save_checkpoint(obj: dict[str, Any], *paths: Path) -> None:
+    """Serialised once, in memory, then written to each path: torch's zip writer turns a failed file write
+    (disk full) into an unrelated RuntimeError, while one plain write reports the OSError itself."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+    for path in paths:
+        atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path: str | Path, *formats: str) -> dict[str, Any]:
@@ -1220,7 +1222,6 @@ def load_checkpoint(path: str | Path, *formats: str) -> dict[str, Any]:
 def save_generator(path: Path, nets: Nets, epoch: int) -> None:
     G = nets.sampler()
     save_checkpoint(
-        path,
         {
             "format": GENERATOR_FORMAT,
             "version": FORMAT_VERSION,
@@ -1230,6 +1231,7 @@ def save_generator(path: Path, nets: Nets, epoch: int) -> None:
             "num_classes": G.num_classes,
             "state_dict": G.state_dict(),
         },
+        path,
     )
 
 
@@ -1392,7 +1394,7 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
         "--judge",
         default="",
         metavar="PATH",
-        help="judge network cache (default: ~/.cache/gan_mnist/judge-<hash of the training digits>.pt)",
+        help=JUDGE_HELP,
     )
     p.add_argument("--raw", action="store_true", help="score the raw generator of a checkpoint, not its EMA")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
