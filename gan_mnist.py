@@ -97,6 +97,19 @@ class Config:
         "decay of an exponential moving average of G's weights used for "
         "samples, generator.pt, generate and evaluate (0 = off)",
     )
+    # the stabilisers: --recipe presets them (RECIPES below); a flag given beside it wins
+    recipe: str = _f(
+        "stable", "stable: the tutorial's maths plus measured stabilisers; tutorial: the maths as published"
+    )
+    r1_gamma: float = _f(1.0, "weight of the R1 penalty on D's gradient at real digits (0 = off)")
+    r1_every: int = _f(8, "apply the R1 penalty every N D steps, its weight scaled by N (lazy R1)", metavar="N")
+    lr_decay: str = _f("none", "learning-rate schedule over the run's --epochs: none, or linear (to 0)")
+    d_lr: float = _f(0.0, "D's Adam learning rate, if not --lr (two time-scale update rule, TTUR)")
+    d_dropout: float = _f(0.0, "dropout probability after each of D's hidden activations")
+    spectral_norm: bool = _f(False, "spectral normalisation of each of D's linear layers")
+    label_smoothing: float = _f(0.0, "one-sided label smoothing: D's target for real digits is 1 - this")
+    instance_noise: float = _f(0.0, "std of Gaussian noise on D's inputs, annealed linearly to 0 over the run")
+    top_k: float = _f(0.0, "top-k G updates (Sinha et al. 2020): the least share of fakes G learns from (0 = off)")
     # data and run
     data_dir: str = _f("./data", "folder holding MNIST/raw/ (downloaded there when absent)")
     out_dir: str = _f("", "run folder (default: a new outputs/run-YYYYmmdd-HHMMSS)", metavar="DIR")
@@ -114,7 +127,11 @@ class Config:
     sample_every: int = _f(1, "save a sample grid every N epochs", metavar="N")
     checkpoint_every: int = _f(10, "keep a checkpoints/epoch_NNNN.pt every N epochs", metavar="N")
     keep_checkpoints: int = _f(5, "keep only the newest N periodic checkpoints (0 = keep all)", metavar="N")
-    eval_every: int = _f(0, "evaluate every N epochs into metrics.csv (0 = once at the end, -1 = never)", metavar="N")
+    eval_every: int = _f(
+        10,
+        "evaluate every N epochs and at the end, keeping generator_best.pt (0 = at the end only, -1 = never)",
+        metavar="N",
+    )
     eval_num: int = _f(10000, "generated digits per evaluation", metavar="N")
     judge: str = _f("", JUDGE_HELP, metavar="PATH")
     resume: str = _f(
@@ -124,8 +141,25 @@ class Config:
     debug: bool = _f(False, "show the full traceback of an error")
 
 
+# What --recipe sets before the flags the user typed. "tutorial" is the blog post's maths exactly (and the same
+# random stream for the same seed as gan_mnist before recipes existed); "stable" is Config's defaults.
+RECIPES: dict[str, dict[str, Any]] = {
+    "stable": {},
+    "tutorial": {"r1_gamma": 0.0, "lr_decay": "none"},
+}
+
 # A resumed run must keep these: they define the model or the data stream that the checkpoint continues.
-RUN_DEFINING = ("latent_dim", "conditional", "batch_size", "subset", "seed", "ema_decay")
+RUN_DEFINING = (
+    "latent_dim",
+    "conditional",
+    "batch_size",
+    "subset",
+    "seed",
+    "ema_decay",
+    "recipe",
+    "spectral_norm",
+    "d_dropout",
+)
 
 
 def _flag(name: str) -> str:
@@ -187,6 +221,15 @@ def check_config(cfg: Config) -> str | None:
         (cfg.eval_every >= -1, "--eval-every must be a positive integer, 0 or -1"),
         (cfg.eval_num >= 10, "--eval-num must be at least 10"),
         (cfg.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
+        (cfg.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}"),
+        (cfg.r1_gamma >= 0 and math.isfinite(cfg.r1_gamma), "--r1-gamma must be >= 0"),
+        (cfg.r1_every > 0, "--r1-every must be a positive integer"),
+        (cfg.lr_decay in ("none", "linear"), "--lr-decay must be none or linear"),
+        (cfg.d_lr >= 0 and math.isfinite(cfg.d_lr), "--d-lr must be >= 0"),
+        (0 <= cfg.d_dropout < 1, "--d-dropout must be in [0, 1)"),
+        (0 <= cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+        (cfg.instance_noise >= 0 and math.isfinite(cfg.instance_noise), "--instance-noise must be >= 0"),
+        (0 <= cfg.top_k <= 1, "--top-k must be in [0, 1]"),
     ]
     return next((message for ok, message in rules if not ok), None)
 
@@ -248,12 +291,14 @@ def epoch_batches(num_images: int, batch_size: int, generator: torch.Generator) 
 LABEL_DIM = 10  # G's label embedding; 50 was measured worse (recall 0.03 vs 0.35, benchmarks/conditional_ablation.py)
 
 
-def _mlp(sizes: list[int]) -> list[nn.Module]:
+def _mlp(sizes: list[int], dropout: float = 0.0, last_activation: bool = False) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
         layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
+        if i < len(sizes) - 2 or last_activation:
             layers.append(nn.LeakyReLU(0.2, inplace=True))
+            if dropout:  # only when asked: a Dropout(0) would still renumber the state_dict keys
+                layers.append(nn.Dropout(dropout))
     return layers
 
 
@@ -277,12 +322,15 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """Image (+ digit label) -> one logit: > 0 means 'real'. The sigmoid lives in the loss."""
 
-    def __init__(self, num_classes: int = 0) -> None:
+    def __init__(self, num_classes: int = 0, dropout: float = 0.0, spectral_norm: bool = False) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Flatten(), *_mlp([784, 512, 256]), nn.LeakyReLU(0.2, inplace=True))
+        self.features = nn.Sequential(nn.Flatten(), *_mlp([784, 512, 256], dropout, last_activation=True))
         self.head = nn.Linear(256, 1)
         # Conditional: a projection term <embed(y), features(x)> (Miyato & Koyama 2018).
         self.label_projection = nn.Embedding(num_classes, 256) if num_classes else None
+        if spectral_norm:  # Miyato et al. 2018: each linear map scaled to spectral norm 1 (a power iteration a step)
+            for layer in [m for m in self.modules() if isinstance(m, nn.Linear)]:
+                nn.utils.parametrizations.spectral_norm(layer)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         h = self.features(x)
@@ -323,10 +371,11 @@ def auto_threads() -> int:
     return max(1, min(4, cpus - 1))
 
 
-def make_adam(params: Any, cfg: Config, capturable: bool = False) -> torch.optim.Adam:
-    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.b1, cfg.b2)}
-    if capturable:
-        kwargs["capturable"] = True
+def make_adam(params: Any, cfg: Config, lr: float, capturable: bool = False) -> torch.optim.Adam:
+    params = list(params)
+    kwargs: dict[str, Any] = {"lr": lr, "betas": (cfg.b1, cfg.b2)}
+    if capturable:  # lr as a device tensor: a captured CUDA graph then sees the schedule change it
+        kwargs.update(capturable=True, lr=torch.tensor(lr, device=params[0].device))
     try:  # one fused kernel for all parameters where the device has it (CUDA, CPU, recent MPS)
         return torch.optim.Adam(params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
@@ -335,7 +384,8 @@ def make_adam(params: Any, cfg: Config, capturable: bool = False) -> torch.optim
 
 @dataclass
 class Nets:
-    """The two networks, their optimisers, the EMA generator and the step statistics kept on the device."""
+    """The two networks, their optimisers, the EMA generator, the stabilisers' settings and the step statistics
+    kept on the device."""
 
     G: Generator
     D: Discriminator
@@ -346,12 +396,19 @@ class Nets:
     stats: Tensor  # running sums of d_loss, g_loss, D(x), D(G(z)) over this epoch's steps
     ema_updates: Tensor  # on the device, so the EMA warm-up needs no host value (and can be graph-captured)
     bf16: bool = False  # bf16 matmuls under autocast
-    _targets: dict[int, Tensor] = field(default_factory=dict)
+    r1_weight: float = 0.0  # gamma / 2 * every: lazy R1 applies the whole penalty on one step in `every`
+    real_target: float = 1.0  # below 1 with one-sided label smoothing
+    # Scheduled per epoch (set_schedule), device tensors so a captured CUDA graph sees each new value.
+    noise_std: Tensor | None = None  # instance noise
+    top_k_share: Tensor | None = None  # top-k G updates
+    _targets: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
-    def targets(self, batch: int) -> Tensor:
-        """[1] * batch + [0] * batch: D's targets for real then fake halves (cached, no per-step allocs)."""
+    def targets(self, batch: int) -> tuple[Tensor, Tensor]:
+        """D's targets for real then fake halves, and G's (cached, no per-step allocations)."""
         if batch not in self._targets:
-            self._targets[batch] = torch.cat([torch.ones(batch), torch.zeros(batch)]).to(self.stats.device)
+            device = self.stats.device
+            d = torch.cat([torch.full((batch,), self.real_target), torch.zeros(batch)]).to(device)
+            self._targets[batch] = d, torch.ones(batch, device=device)
         return self._targets[batch]
 
     def sampler(self) -> Generator:
@@ -371,29 +428,57 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 def build_nets(cfg: Config, device: torch.device, capturable: bool = False) -> Nets:
     num_classes = NUM_CLASSES if cfg.conditional else 0
     G = Generator(cfg.latent_dim, num_classes).to(device)
-    D = Discriminator(num_classes).to(device)
+    D = Discriminator(num_classes, cfg.d_dropout, cfg.spectral_norm).to(device)
     ema = None
     if cfg.ema_decay > 0:  # a copy, not a new Generator: its init would draw from the RNG and shift training
         ema = copy.deepcopy(G).requires_grad_(False)
+    scheduled = functools.partial(torch.ones, (), device=device)
     return Nets(
         G,
         D,
-        make_adam(G.parameters(), cfg, capturable),
-        make_adam(D.parameters(), cfg, capturable),
+        make_adam(G.parameters(), cfg, cfg.lr, capturable),
+        make_adam(D.parameters(), cfg, cfg.d_lr or cfg.lr, capturable),
         ema,
         cfg.ema_decay,
         torch.zeros(4, device=device),
         torch.zeros((), device=device),
         use_bf16(cfg.precision, device),
+        r1_weight=cfg.r1_gamma / 2 * cfg.r1_every,
+        real_target=1.0 - cfg.label_smoothing,
+        noise_std=scheduled() if cfg.instance_noise else None,
+        top_k_share=scheduled() if cfg.top_k else None,
     )
 
 
-def train_step(nets: Nets, real: Tensor, labels: Tensor | None) -> None:
-    """One alternating GAN step. Nothing here reads a value back to the host."""
+def set_schedule(nets: Nets, cfg: Config, epoch: int) -> None:
+    """What changes from epoch to epoch (1-based): the learning rates (--lr-decay), the instance-noise level
+    and the top-k share. Applied at the start of each epoch, also a resumed one, so a resume is exact."""
+    remaining = 1.0 - (epoch - 1) / cfg.epochs  # 1 in the first epoch, 1/epochs in the last
+    decay = remaining if cfg.lr_decay == "linear" else 1.0
+    for opt, lr in ((nets.opt_g, cfg.lr), (nets.opt_d, cfg.d_lr or cfg.lr)):
+        for group in opt.param_groups:
+            if not group.get("capturable"):
+                group["lr"] = lr * decay
+            elif isinstance(group["lr"], Tensor):  # in place: a captured graph reads it at this address
+                group["lr"].fill_(lr * decay)
+            else:
+                group["lr"] = torch.tensor(lr * decay, device=group["params"][0].device)
+            group["betas"] = (cfg.b1, cfg.b2)  # flags given at a resume win over the saved optimiser settings
+    if nets.noise_std is not None:
+        nets.noise_std.fill_(cfg.instance_noise * remaining)
+    if nets.top_k_share is not None:  # Sinha et al.: k shrinks by 0.99 an epoch down to the least share
+        nets.top_k_share.fill_(max(cfg.top_k, 0.99 ** (epoch - 1)))
+
+
+def train_step(nets: Nets, real: Tensor, labels: Tensor | None, r1: bool = False) -> None:
+    """One alternating GAN step, with the R1 penalty when `r1`. Nothing here reads a value back to the host."""
     G, D, batch = nets.G, nets.D, real.size(0)
     # cache_enabled=False: D's weights change between the two regions, and CUDA graphs need it off.
     autocast = functools.partial(torch.autocast, real.device.type, torch.bfloat16, nets.bf16, False)
-    targets = nets.targets(batch)
+    d_targets, g_targets = nets.targets(batch)
+
+    def noisy(x: Tensor) -> Tensor:  # instance noise (Sonderby et al. 2017): D sees real and fake blurred alike
+        return x if nets.noise_std is None else x + nets.noise_std * torch.randn_like(x)
 
     # (1) Update D: maximise log D(x) + log(1 - D(G(z))). Real and fake go through D as one batch: D has no
     # batch statistics, so this is the mean of the two BCE terms, in one pass instead of two.
@@ -401,17 +486,27 @@ def train_step(nets: Nets, real: Tensor, labels: Tensor | None) -> None:
         z = torch.randn(batch, G.latent_dim, device=real.device)
         fake = G(z, labels)
         both_labels = None if labels is None else torch.cat([labels, labels])
-        d_logits = D(torch.cat([real, fake.detach()]), both_labels).float()
-    d_loss = F.binary_cross_entropy_with_logits(d_logits, targets)
+        d_in = noisy(torch.cat([real, fake.detach()])).requires_grad_(r1)
+        d_logits = D(d_in, both_labels).float()
+    d_loss = F.binary_cross_entropy_with_logits(d_logits, d_targets)
+    penalty = d_loss
+    if r1:  # R1 (Mescheder et al. 2018): gamma/2 * |grad_x D(x)|^2 at real digits keeps D smooth where data is
+        (grad,) = torch.autograd.grad(d_logits[:batch].sum(), d_in, create_graph=True)
+        penalty = d_loss + nets.r1_weight * grad[:batch].float().square().sum(dim=(1, 2, 3)).mean()
     nets.opt_d.zero_grad(set_to_none=True)
-    d_loss.backward()
+    penalty.backward()
     nets.opt_d.step()
 
     # (2) Update G: non-saturating loss, maximise log D(G(z)). D's weights collect no gradients here.
     D.requires_grad_(False)
     with autocast():
-        g_logits = D(fake, labels).float()
-    g_loss = F.binary_cross_entropy_with_logits(g_logits, targets[:batch])
+        g_logits = D(noisy(fake), labels).float()
+    if nets.top_k_share is None:
+        g_loss = F.binary_cross_entropy_with_logits(g_logits, g_targets)
+    else:  # top-k (Sinha et al. 2020): learn only from the fakes D rates most real; static shapes for graphs
+        rank = g_logits.argsort(descending=True).argsort()
+        keep = (rank < (nets.top_k_share * batch).ceil()).float()
+        g_loss = (F.binary_cross_entropy_with_logits(g_logits, g_targets, reduction="none") * keep).sum() / keep.sum()
     nets.opt_g.zero_grad(set_to_none=True)
     g_loss.backward()
     nets.opt_g.step()
@@ -429,33 +524,35 @@ def train_step(nets: Nets, real: Tensor, labels: Tensor | None) -> None:
 
 
 class CudaGraphStep:
-    """train_step captured as one CUDA graph: a few eager warm-up steps on a side stream (real training
-    steps), then capture; every later full batch is one graph replay. Noise is drawn inside the graph.
-    A smaller last batch of an epoch runs eagerly (capturable Adam works both ways)."""
+    """train_step captured as CUDA graphs, one per kind of step (with and without the lazy R1 penalty): a few
+    eager warm-up steps of each kind on a side stream (real training steps), then capture; every later full
+    batch is one graph replay. Noise is drawn inside the graph. A smaller last batch of an epoch runs eagerly
+    (capturable Adam works both ways)."""
 
     warmup_steps = 3
 
     def __init__(self, nets: Nets, batch_size: int, conditional: bool, device: torch.device) -> None:
-        self.nets, self.batch_size, self.graph = nets, batch_size, None
-        self.warmup_left = self.warmup_steps
+        self.nets, self.batch_size = nets, batch_size
+        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self.warmup_left = {False: self.warmup_steps, True: self.warmup_steps}
         self.real = torch.zeros(batch_size, *IMAGE_SHAPE, device=device)
         self.labels = torch.zeros(batch_size, dtype=torch.long, device=device) if conditional else None
         self.side_stream = torch.cuda.Stream(device)
 
-    def __call__(self, real: Tensor, labels: Tensor | None) -> None:
+    def __call__(self, real: Tensor, labels: Tensor | None, r1: bool = False) -> None:
         if real.size(0) != self.batch_size:
-            train_step(self.nets, real, labels)
+            train_step(self.nets, real, labels, r1)
             return
         self.real.copy_(real)
         if labels is not None:
             self.labels.copy_(labels)
-        if self.graph is not None:
-            self.graph.replay()
-        elif self.warmup_left > 0:
-            self.warmup_left -= 1
+        if r1 in self.graphs:
+            self.graphs[r1].replay()
+        elif self.warmup_left[r1] > 0:
+            self.warmup_left[r1] -= 1
             self.side_stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side_stream):
-                train_step(self.nets, self.real, self.labels)
+                train_step(self.nets, self.real, self.labels, r1)
             torch.cuda.current_stream().wait_stream(self.side_stream)
         else:
             # Gradients must be allocated from the graph's private pool, so they start as None.
@@ -463,8 +560,8 @@ class CudaGraphStep:
             self.nets.opt_g.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                train_step(self.nets, self.real, self.labels)
-            self.graph = graph
+                train_step(self.nets, self.real, self.labels, r1)
+            self.graphs[r1] = graph
             graph.replay()  # capture records without running: this batch still has to be trained on
 
 
@@ -563,6 +660,7 @@ RUN_STATE = (
     "metrics",
     "fixed_noise",
     "fixed_labels",
+    "best",
 )
 
 
@@ -662,7 +760,53 @@ def resume_config(cfg: Config, given: set[str], checkpoint: dict[str, Any]) -> t
     return merged, own_dir
 
 
+@dataclass
+class Run:
+    """What a training run holds between epochs: the networks, the data on the device, the loop state that a
+    checkpoint saves (RUN_STATE), and the outputs' timers."""
+
+    cfg: Config
+    dir: Path
+    device: torch.device
+    nets: Nets
+    data: Tensor  # the training digits, uint8 on the device
+    labels: Tensor
+    train_images: Tensor  # all training digits, the evaluator's reference for its judge cache
+    data_rng: torch.Generator
+    state: dict[str, Any]
+    step_fn: Callable[[Tensor, Tensor | None, bool], None]
+    evaluator: Evaluator | None = None
+    last_plot: float = field(default_factory=time.monotonic)
+    last_gif: float = field(default_factory=time.monotonic)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+    def save_checkpoint(self, *paths: Path) -> None:
+        save_checkpoint(checkpoint_dict(self.nets, self.cfg, self.state, self.device), *paths)
+
+
 def _train_locked(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict | None) -> Result:
+    run = start_run(cfg, run_dir, device, checkpoint)
+    with StopSignal() as stop:  # held to the end: a signal while writing the last outputs is no traceback
+        while run.state["epoch"] < cfg.epochs:
+            epoch = run.state["epoch"] + 1
+            if not train_epoch(run, epoch, stop):
+                break  # stopped by a signal, saved mid-epoch
+            record_epoch(run, epoch)
+            final = epoch == cfg.epochs
+            if epoch % cfg.sample_every == 0 or final:
+                save_samples(run.nets.sampler(), *run.state["fixed"], run.dir / "samples" / f"epoch_{epoch:04d}.png")
+            if cfg.eval_every >= 0 and (final or cfg.eval_every and epoch % cfg.eval_every == 0):
+                evaluate_epoch(run, epoch)
+            write_logs(run, final)
+            save_epoch_checkpoint(run, epoch)
+        return finish_run(run, stop.signum)
+
+
+def start_run(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict | None) -> Run:
+    """Seeds, reads the data, builds (or restores) the networks and the loop state, tidies the run folder."""
     torch.set_num_threads(cfg.threads or auto_threads())
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
@@ -677,9 +821,6 @@ def _train_locked(cfg: Config, run_dir: Path, device: torch.device, checkpoint: 
         if cfg.subset > len(images):
             raise GanError(f"--subset {cfg.subset} is more than the {len(images)} training images")
         images, labels = images[: cfg.subset], labels[: cfg.subset]
-    # The training set stays uint8 on the device (47 MB instead of 188 MB as floats: what keeps a default CPU
-    # run under 1 GiB); each gathered batch is brought to [-1, 1] in one vectorised op.
-    data, targets = images.to(device), labels.to(device)
 
     nets = build_nets(cfg, device, capturable=use_graph)
     data_rng = torch.Generator().manual_seed(cfg.seed)
@@ -694,32 +835,46 @@ def _train_locked(cfg: Config, run_dir: Path, device: torch.device, checkpoint: 
         "epoch_stats": torch.zeros(4),
         "fixed_noise": fixed_noise,
         "fixed_labels": fixed_labels,
+        "best": None,  # {"epoch", "fid"} of the lowest-FID evaluation so far: generator_best.pt
+        "data_rng": data_rng.get_state(),
     }
     if checkpoint is not None:
         restore(nets, checkpoint, cfg, device, data_rng)
         state.update({key: checkpoint[key] for key in RUN_STATE if key in checkpoint})
-    fixed_noise = state["fixed_noise"].to(device)
-    fixed_labels = None if state["fixed_labels"] is None else state["fixed_labels"].to(device)
     nets.stats.copy_(state["epoch_stats"])
+    state["fixed"] = (  # on the device, not saved (the checkpoint keeps the CPU copies)
+        state["fixed_noise"].to(device),
+        None if state["fixed_labels"] is None else state["fixed_labels"].to(device),
+    )
+    step_fn = CudaGraphStep(nets, cfg.batch_size, cfg.conditional, device) if use_graph else None
+    # The training set stays uint8 on the device (47 MB instead of 188 MB as floats: what keeps a default CPU
+    # run under 1 GiB); each gathered batch is brought to [-1, 1] in one vectorised op.
+    run = Run(
+        cfg,
+        run_dir,
+        device,
+        nets,
+        images.to(device),
+        labels.to(device),
+        all_images,
+        data_rng,
+        state,
+        step_fn or functools.partial(train_step, nets),
+    )
 
-    ckpt_dir, samples_dir = run_dir / "checkpoints", run_dir / "samples"
-    for folder in (ckpt_dir, samples_dir):
+    for folder in (run.ckpt_dir, run_dir / "samples"):
         folder.mkdir(exist_ok=True)
-    for stale in ckpt_dir.glob(".*.tmp*"):  # left by a process killed mid-save; the real file is intact
+    for stale in run.ckpt_dir.glob(".*.tmp*"):  # left by a process killed mid-save; the real file is intact
         stale.unlink(missing_ok=True)
     write_json(run_dir / "config.json", dataclasses.asdict(cfg))
     if checkpoint is not None:  # history in the checkpoint is the truth: drop rows of epochs redone now
         write_losses(run_dir, state["history"], plot=False)
-        prune_samples(samples_dir, after_epoch=state["epoch"])
+        prune_samples(run_dir / "samples", after_epoch=state["epoch"])
         if state["metrics"]:
             write_metrics_csv(run_dir, state["metrics"])
-
-    step_fn: Callable[[Tensor, Tensor | None], None] = functools.partial(train_step, nets)
-    if use_graph:
-        step_fn = CudaGraphStep(nets, cfg.batch_size, cfg.conditional, device)
-    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(run.data) / cfg.batch_size)
     print(
-        f"gan_mnist: training on {device} ({torch.get_num_threads()} CPU threads), {len(data)} images, "
+        f"gan_mnist: training on {device} ({torch.get_num_threads()} CPU threads), {len(run.data)} images, "
         f"{steps_per_epoch} steps/epoch, epochs {state['epoch'] + 1}..{cfg.epochs} -> {run_dir}",
         flush=True,
     )
@@ -727,107 +882,122 @@ def _train_locked(cfg: Config, run_dir: Path, device: torch.device, checkpoint: 
         print(
             f"resumed from {cfg.resume} at epoch {state['epoch']}" + (f" step {state['step']}" if state["step"] else "")
         )
+    return run
 
-    evaluator: Evaluator | None = None
-    last_plot = last_gif = time.monotonic()
-    interrupted = 0
-    with StopSignal() as stop:
-        while state["epoch"] < cfg.epochs and not interrupted:
-            epoch = state["epoch"] + 1
-            epoch_rng = data_rng.get_state()
-            batches = epoch_batches(len(data), cfg.batch_size, data_rng)
-            started = time.perf_counter() - state["epoch_seconds"]
-            bar = tqdm(
-                total=len(batches),
-                initial=state["step"],
-                desc=f"epoch {epoch}/{cfg.epochs}",
-                unit="step",
-                leave=False,
-                disable=True if cfg.quiet else None,
-                dynamic_ncols=True,
-            )
+
+def train_epoch(run: Run, epoch: int, stop: StopSignal) -> bool:
+    """The steps of one epoch (from the saved step, after a mid-epoch resume). False if a signal stopped it:
+    the partial epoch is then saved to last.pt, so a resume continues from the very next step."""
+    cfg, state, nets = run.cfg, run.state, run.nets
+    set_schedule(nets, cfg, epoch)
+    epoch_rng = run.data_rng.get_state()
+    batches = epoch_batches(len(run.data), cfg.batch_size, run.data_rng)
+    started = time.perf_counter() - state["epoch_seconds"]
+    bar = tqdm(
+        total=len(batches),
+        initial=state["step"],
+        desc=f"epoch {epoch}/{cfg.epochs}",
+        unit="step",
+        leave=False,
+        disable=True if cfg.quiet else None,
+        dynamic_ncols=True,
+    )
+    next_refresh = time.monotonic() + 0.5
+    for i in range(state["step"], len(batches)):
+        if stop.signum:
+            break
+        idx = batches[i].to(run.device, non_blocking=True)
+        r1 = cfg.r1_gamma > 0 and ((epoch - 1) * len(batches) + i) % cfg.r1_every == 0
+        run.step_fn(to_model_range(run.data[idx]), run.labels[idx] if cfg.conditional else None, r1)
+        state["epoch_steps"] += 1
+        state["step"] = i + 1
+        bar.update(1)
+        if not bar.disable and time.monotonic() > next_refresh:  # the only host sync: twice a second
+            d_loss, g_loss, _, _ = (nets.stats / state["epoch_steps"]).tolist()
+            bar.set_postfix_str(f"D {d_loss:.3f} G {g_loss:.3f}", refresh=False)
             next_refresh = time.monotonic() + 0.5
-            for i in range(state["step"], len(batches)):
-                if stop.signum:
-                    break
-                idx = batches[i].to(device, non_blocking=True)
-                step_fn(to_model_range(data[idx]), targets[idx] if cfg.conditional else None)
-                state["epoch_steps"] += 1
-                state["step"] = i + 1
-                bar.update(1)
-                if not bar.disable and time.monotonic() > next_refresh:  # the only host sync: twice a second
-                    d_loss, g_loss, _, _ = (nets.stats / state["epoch_steps"]).tolist()
-                    bar.set_postfix_str(f"D {d_loss:.3f} G {g_loss:.3f}", refresh=False)
-                    next_refresh = time.monotonic() + 0.5
-            bar.close()
-            state["epoch_seconds"] = time.perf_counter() - started
-            state["data_rng"] = epoch_rng
-            if stop.signum:
-                interrupted = stop.signum
-                means = (nets.stats / max(1, state["epoch_steps"])).tolist()
-                check_finite(means, epoch, cfg, ckpt_dir)
-                state["epoch_stats"] = nets.stats.detach().cpu()
-                save_checkpoint(checkpoint_dict(nets, cfg, state, device), ckpt_dir / "last.pt")
-                break
+    bar.close()
+    state["epoch_seconds"] = time.perf_counter() - started
+    if not stop.signum:
+        return True
+    state["data_rng"] = epoch_rng  # a resume redraws this epoch's order, then skips the steps done
+    check_finite((nets.stats / max(1, state["epoch_steps"])).tolist(), epoch, cfg, run.ckpt_dir)
+    state["epoch_stats"] = nets.stats.detach().cpu()
+    run.save_checkpoint(run.ckpt_dir / "last.pt")
+    return False
 
-            means = (nets.stats / state["epoch_steps"]).tolist()
-            check_finite(means, epoch, cfg, ckpt_dir)
-            row = {
-                "epoch": epoch,
-                "d_loss": means[0],
-                "g_loss": means[1],
-                "d_x": means[2],
-                "d_g_z": means[3],
-                "seconds": state["epoch_seconds"],
-            }
-            state["history"].append(row)
-            print(
-                f"epoch {epoch:>4}/{cfg.epochs}  d_loss {means[0]:.4f}  g_loss {means[1]:.4f}  "
-                f"D(x) {means[2]:.3f}  D(G(z)) {means[3]:.3f}  {state['epoch_seconds']:.1f}s "
-                f"({state['epoch_steps'] / state['epoch_seconds']:.0f} steps/s)",
-                flush=True,
-            )
-            state.update(epoch=epoch, step=0, epoch_steps=0, epoch_seconds=0.0, data_rng=data_rng.get_state())
-            nets.stats.zero_()
-            state["epoch_stats"] = torch.zeros(4)
 
-            final = epoch == cfg.epochs
-            if epoch % cfg.sample_every == 0 or final:
-                save_samples(nets.sampler(), fixed_noise, fixed_labels, samples_dir / f"epoch_{epoch:04d}.png")
-            now = time.monotonic()
-            write_losses(run_dir, state["history"], plot=final or now - last_plot > 10)
-            last_plot = now if final or now - last_plot > 10 else last_plot
-            if final or now - last_gif > 30:
-                write_gif(run_dir)
-                last_gif = now
-            if cfg.eval_every > 0 and epoch % cfg.eval_every == 0 or final and cfg.eval_every == 0:
-                evaluator = evaluator or Evaluator(cfg.data_dir, cfg.judge, cfg.eval_num, cfg.quiet, all_images)
-                evaluate_during_training(cfg, run_dir, nets.sampler(), epoch, evaluator, state["metrics"])
-            periodic = epoch % cfg.checkpoint_every == 0 or final
-            paths = [ckpt_dir / "last.pt"] + ([ckpt_dir / f"epoch_{epoch:04d}.pt"] if periodic else [])
-            save_checkpoint(checkpoint_dict(nets, cfg, state, device), *paths)
-            if periodic:
-                prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
-            save_generator(run_dir / "generator.pt", nets, epoch)
+def record_epoch(run: Run, epoch: int) -> None:
+    """The epoch's mean losses and D outputs: one host read, a history row, the console line."""
+    state = run.state
+    means = (run.nets.stats / state["epoch_steps"]).tolist()
+    check_finite(means, epoch, run.cfg, run.ckpt_dir)
+    row = dict(zip(LOSS_COLUMNS, [epoch, *means, state["epoch_seconds"]]))
+    state["history"].append(row)
+    print(
+        f"epoch {epoch:>4}/{run.cfg.epochs}  d_loss {means[0]:.4f}  g_loss {means[1]:.4f}  "
+        f"D(x) {means[2]:.3f}  D(G(z)) {means[3]:.3f}  {state['epoch_seconds']:.1f}s "
+        f"({state['epoch_steps'] / state['epoch_seconds']:.0f} steps/s)",
+        flush=True,
+    )
+    state.update(epoch=epoch, step=0, epoch_steps=0, epoch_seconds=0.0, data_rng=run.data_rng.get_state())
+    run.nets.stats.zero_()
+    state["epoch_stats"] = torch.zeros(4)
 
-    write_losses(run_dir, state["history"], plot=True)
-    write_gif(run_dir)
+
+def evaluate_epoch(run: Run, epoch: int) -> None:
+    """Scores the sampling generator; a new lowest FID is kept as generator_best.pt."""
+    cfg = run.cfg
+    run.evaluator = run.evaluator or Evaluator(cfg.data_dir, cfg.judge, cfg.eval_num, cfg.quiet, run.train_images)
+    fid = evaluate_during_training(cfg, run.dir, run.nets.sampler(), epoch, run.evaluator, run.state)
+    if run.state["best"] is None or fid < run.state["best"]["fid"]:
+        run.state["best"] = {"epoch": epoch, "fid": fid}
+        save_generator(run.dir / "generator_best.pt", run.nets, epoch, fid=fid)
+
+
+def write_logs(run: Run, final: bool) -> None:
+    """losses.csv every epoch; the plot and the GIF at most every 10 and 30 s (they take a while), and at the end."""
+    now = time.monotonic()
+    plot = final or now - run.last_plot > 10
+    write_losses(run.dir, run.state["history"], plot=plot)
+    run.last_plot = now if plot else run.last_plot
+    if final or now - run.last_gif > 30:
+        write_gif(run.dir)
+        run.last_gif = now
+
+
+def save_epoch_checkpoint(run: Run, epoch: int) -> None:
+    """last.pt every epoch (an epoch_NNNN.pt copy every --checkpoint-every), and generator.pt."""
+    periodic = epoch % run.cfg.checkpoint_every == 0 or epoch == run.cfg.epochs
+    run.save_checkpoint(run.ckpt_dir / "last.pt", *([run.ckpt_dir / f"epoch_{epoch:04d}.pt"] if periodic else []))
+    if periodic:
+        prune_checkpoints(run.ckpt_dir, run.cfg.keep_checkpoints)
+    save_generator(run.dir / "generator.pt", run.nets, epoch)
+
+
+def finish_run(run: Run, interrupted: int) -> Result:
+    """The last plot and GIF, and what to do next: resume after a signal, or where the results are."""
+    state, ckpt = run.state, run.ckpt_dir / "last.pt"
+    write_losses(run.dir, state["history"], plot=True)
+    write_gif(run.dir)
     if interrupted:
-        name = signal.Signals(interrupted).name
         print(
-            f"\n{name}: stopped at epoch {state['epoch'] + 1} step {state['step']}; saved {ckpt_dir / 'last.pt'}. "
-            f"Resume with: python gan_mnist.py --resume {ckpt_dir / 'last.pt'} --epochs {cfg.epochs}",
+            f"\n{signal.Signals(interrupted).name}: stopped at epoch {state['epoch'] + 1} step {state['step']}; "
+            f"saved {ckpt}. Resume with: python gan_mnist.py --resume {ckpt} --epochs {run.cfg.epochs}",
             file=sys.stderr,
             flush=True,
         )
-        return Result(128 + interrupted, run_dir, state["history"])
+        return Result(128 + interrupted, run.dir, state["history"])
     total = sum(row["seconds"] for row in state["history"])
     print(
-        f"done: {state['epoch']} epochs ({total:.0f}s of training) -> {run_dir}/ "
+        f"done: {state['epoch']} epochs ({total:.0f}s of training) -> {run.dir}/ "
         "(samples/, progress.gif, losses.png, generator.pt, checkpoints/)",
         flush=True,
     )
-    return Result(0, run_dir, state["history"])
+    if state["best"] is not None:
+        best = state["best"]
+        print(f"best: epoch {best['epoch']} (FID {best['fid']:.2f}) -> {run.dir / 'generator_best.pt'}", flush=True)
+    return Result(0, run.dir, state["history"])
 
 
 def check_finite(means: list[float], epoch: int, cfg: Config, ckpt_dir: Path) -> None:
@@ -851,9 +1021,6 @@ def restore(nets: Nets, ckpt: dict[str, Any], cfg: Config, device: torch.device,
         nets.opt_d.load_state_dict(ckpt["opt_d"])
     except (RuntimeError, KeyError, ValueError) as exc:
         raise GanError(f"checkpoint {cfg.resume} does not fit this model: {str(exc).splitlines()[0]}") from exc
-    for opt in (nets.opt_g, nets.opt_d):  # flags given now win over the saved optimiser settings
-        for group in opt.param_groups:
-            group["lr"], group["betas"] = cfg.lr, (cfg.b1, cfg.b2)
     rng = ckpt["rng"]
     torch.set_rng_state(rng["torch"])
     if device.type == "cuda" and rng.get("cuda") is not None:
@@ -966,7 +1133,8 @@ def load_or_train_judge(path: Path, data_dir: str | Path, quiet: bool = False) -
     if path.is_file():
         try:
             saved = load_checkpoint(path, JUDGE_FORMAT)
-            judge = Judge()
+            with torch.random.fork_rng(devices=[]):  # its throwaway init must not shift a training run's noise
+                judge = Judge()
             judge.load_state_dict(saved["state_dict"])
             if weights_sha256(judge.state_dict()) == saved["sha256"]:
                 return judge.eval(), {k: saved[k] for k in ("sha256", "test_accuracy", "train_images")}
@@ -1125,10 +1293,11 @@ def write_metrics_csv(run_dir: Path, rows: list[dict[str, float]]) -> None:
 
 
 def evaluate_during_training(
-    cfg: Config, run_dir: Path, G: Generator, epoch: int, evaluator: Evaluator, rows: list[dict[str, float]]
-) -> None:
-    """Scores G now: appends a row to `rows` (kept in the checkpoint, like the loss history), rewrites
-    metrics.csv and metrics.png from them, and writes the full metrics to metrics.json."""
+    cfg: Config, run_dir: Path, G: Generator, epoch: int, evaluator: Evaluator, state: dict[str, Any]
+) -> float:
+    """Scores G now: appends a row to the run's metrics (kept in the checkpoint, like the loss history),
+    rewrites metrics.csv and metrics.png from them, writes the full metrics to metrics.json. Returns the FID."""
+    rows = state["metrics"]
     metrics = evaluator(G, seed=cfg.seed)
     row = {"epoch": epoch, **{c: metrics[c] for c in METRIC_COLUMNS[1:]}}
     digits = ""
@@ -1138,7 +1307,12 @@ def evaluate_during_training(
         digits = f"  read as asked {min(accuracy):.2f}-{max(accuracy):.2f}"
     rows.append(row)
     write_metrics_csv(run_dir, rows)
-    write_json(run_dir / "metrics.json", {"epoch": epoch, **metrics})
+    best = (
+        state["best"]
+        if state["best"] and state["best"]["fid"] <= metrics["fid"]
+        else {"epoch": epoch, "fid": metrics["fid"]}
+    )
+    write_json(run_dir / "metrics.json", {"epoch": epoch, **metrics, "best": best})
     panels = [
         ("FID on judge features (lower is better)", [("fid", "FID")]),
         ("score", [("inception_score", "Inception Score (max 10)")]),
@@ -1147,9 +1321,11 @@ def evaluate_during_training(
     print(
         f"           FID {metrics['fid']:.2f} (real data {metrics['real_floor']['fid']:.2f})  "
         f"IS {metrics['inception_score']:.2f}  modes {metrics['modes_covered']}/10  "
-        f"precision {metrics['precision']:.3f}  recall {metrics['recall']:.3f}{digits}  ({metrics['seconds']:.1f}s)",
+        f"precision {metrics['precision']:.3f}  recall {metrics['recall']:.3f}{digits}  ({metrics['seconds']:.1f}s)"
+        + ("  [early FIDs of 50-300 are normal: watch the trend]" if epoch <= 10 and metrics["fid"] > 50 else ""),
         flush=True,
     )
+    return metrics["fid"]
 
 
 # =========================================================================================== 6. outputs
@@ -1219,7 +1395,7 @@ def load_checkpoint(path: str | Path, *formats: str) -> dict[str, Any]:
     return obj
 
 
-def save_generator(path: Path, nets: Nets, epoch: int) -> None:
+def save_generator(path: Path, nets: Nets, epoch: int, **extra: Any) -> None:
     G = nets.sampler()
     save_checkpoint(
         {
@@ -1230,6 +1406,7 @@ def save_generator(path: Path, nets: Nets, epoch: int) -> None:
             "latent_dim": G.latent_dim,
             "num_classes": G.num_classes,
             "state_dict": G.state_dict(),
+            **extra,
         },
         path,
     )
@@ -1429,7 +1606,10 @@ def main(argv: list[str] | None = None) -> Result:
     if command == "train":
         parser = build_train_parser()
         namespace = vars(parser.parse_args(argv))
-        cfg = Config(**namespace)
+        recipe = namespace.get("recipe", Config.recipe)
+        if recipe not in RECIPES:
+            parser.error(f"--recipe must be one of {', '.join(RECIPES)}")
+        cfg = Config(**{**RECIPES[recipe], **namespace})
         problem = check_config(cfg)
         if problem:
             parser.error(problem)

@@ -312,9 +312,9 @@ def test_one_epoch_visits_each_training_image_exactly_once(train, data_dir: Path
     seen: list[torch.Tensor] = []
     real_step = gan_mnist.train_step
 
-    def recording_step(nets, real, labels):
+    def recording_step(nets, real, labels, r1=False):
         seen.append(real.clone())
-        real_step(nets, real, labels)
+        real_step(nets, real, labels, r1)
 
     monkeypatch.setattr(gan_mnist, "train_step", recording_step)
     assert train("run", "--epochs", "1", "--batch-size", "96", "--subset", "500").exit_code == 0
@@ -322,6 +322,10 @@ def test_one_epoch_visits_each_training_image_exactly_once(train, data_dir: Path
     images, _ = gan_mnist.load_mnist(data_dir)
     expected = Counter(x.numpy().tobytes() for x in gan_mnist.to_model_range(images[:500]))
     assert Counter(x.numpy().tobytes() for x in torch.cat(seen)) == expected
+    # What reaches the step is in the tutorial's range: strokes at +1, the black background at -1.
+    pixels = torch.cat(seen)
+    assert pixels.min() == -1.0 and pixels.max() == 1.0
+    assert (pixels == -1.0).float().mean() > 0.7, "MNIST's background must map to -1"
 
 
 def test_epoch_batches_are_a_seeded_permutation() -> None:

@@ -1,0 +1,238 @@
+"""The GAN's maths, tested directly: which way each update moves D and G, the EMA blend, each stabiliser of
+the stable recipe against its formula, and the tutorial recipe against a fingerprint of the weights it gave
+before recipes existed."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import load
+
+import gan_mnist
+
+# weights_sha256 of G, D and EMA after `--epochs 2` on tests/data with conftest.FAST, made by gan_mnist at
+# commit a95538e (before --recipe existed): --recipe tutorial must give the tutorial's maths bit for bit.
+TUTORIAL_FINGERPRINT = {
+    "": (
+        "a44c35c421a54cc4f23a37e3d4c8e3a583aa6d25da068ef9637e67b3ee348e92",
+        "cca5ef98b64a82f3535755a81278f0b4ee7d2588118ba22a4f41c27d90d79c64",
+        "e7e8defea0506a5f7b6b647d46b4c6795de7821e93c75df1a123541ee1861871",
+    ),
+    "--conditional": (
+        "5cb209694dcf4aadad722c9fba42b2bcf01af3b71d5d58da7e7b94bfa456283d",
+        "5ac0f3f4d88c4da4a5de5444253821a3bcbf77026148b03e876eef0b9eb27a50",
+        "637a97e708ed22ac9d47d82d86712ee0d2789a2d5ccbcc39737b1a0a698062ba",
+    ),
+}
+
+
+@pytest.mark.parametrize("flag", list(TUTORIAL_FINGERPRINT))
+def test_tutorial_recipe_reproduces_the_weights_of_before(train, tmp_path: Path, flag: str) -> None:
+    assert train("run", "--recipe", "tutorial", "--epochs", "2", *([flag] if flag else [])).exit_code == 0
+    ckpt = load(tmp_path / "run" / "checkpoints" / "last.pt")
+    got = tuple(gan_mnist.weights_sha256(ckpt[k]) for k in ("generator", "discriminator", "ema"))
+    assert got == TUTORIAL_FINGERPRINT[flag]
+
+
+def make_nets(*flags: str, seed: int = 0) -> tuple[gan_mnist.Nets, gan_mnist.Config]:
+    """Networks as the trainer builds them, in fp32 (exact comparisons), for the given recipe flags."""
+    namespace = vars(gan_mnist.build_train_parser().parse_args(["--precision", "fp32", *flags]))
+    cfg = gan_mnist.Config(**{**gan_mnist.RECIPES[namespace.get("recipe", "stable")], **namespace})
+    torch.manual_seed(seed)
+    nets = gan_mnist.build_nets(cfg, torch.device("cpu"))
+    gan_mnist.set_schedule(nets, cfg, 1)
+    return nets, cfg
+
+
+def real_batch(data_dir: Path, n: int = 64) -> torch.Tensor:
+    images, _ = gan_mnist.load_mnist(data_dir)
+    return gan_mnist.to_model_range(images[:n])
+
+
+def test_one_step_moves_d_and_g_the_right_way(data_dir: Path) -> None:
+    """(1) D's step raises its logit on real digits and lowers it on fakes; (2) G's step raises D(G(z))."""
+    nets, _ = make_nets("--recipe", "tutorial")
+    real = real_batch(data_dir)
+    for _ in range(20):  # at initialisation real and fake look alike to D: one step lifts both
+        gan_mnist.train_step(nets, real, None)
+    # Then plain gradient steps: Adam moves every weight by about lr whatever its gradient; the loss's own
+    # direction is what this test is about.
+    nets.opt_d = torch.optim.SGD(nets.D.parameters(), lr=0.05)
+    nets.opt_g = torch.optim.SGD(nets.G.parameters(), lr=0.05)
+    torch.manual_seed(5)
+    z = torch.randn(64, 100)  # the noise the step will draw
+    g0, d0 = copy.deepcopy(nets.G), copy.deepcopy(nets.D)
+    with torch.no_grad():
+        fake = g0(z)
+        before_real, before_fake = d0(real).mean(), d0(fake).mean()
+    torch.manual_seed(5)
+    gan_mnist.train_step(nets, real, None)
+    with torch.no_grad():
+        assert nets.D(real).mean() > before_real
+        assert nets.D(fake).mean() < before_fake
+        # G against the D it was trained on (D after step 1): its fakes now look more real to that D.
+        assert nets.D(nets.G(z)).mean() > nets.D(fake).mean()
+    assert any(not torch.equal(a, b) for a, b in zip(nets.G.parameters(), g0.parameters())), "G must step"
+
+
+def test_ema_is_the_expected_blend_of_its_previous_value_and_g(data_dir: Path) -> None:
+    nets, cfg = make_nets("--recipe", "tutorial")
+    real = real_batch(data_dir)
+    for _ in range(30):  # past the warm-up: decay (1+t)/(10+t) reaches 0.9 at t = 80, so still warming
+        gan_mnist.train_step(nets, real, None)
+    t = nets.ema_updates.item()
+    before = [p.clone() for p in nets.ema.parameters()]
+    gan_mnist.train_step(nets, real, None)
+    decay = min((1 + t + 1) / (10 + t + 1), cfg.ema_decay)
+    for ema, old, g in zip(nets.ema.parameters(), before, nets.G.parameters()):
+        torch.testing.assert_close(ema, decay * old + (1 - decay) * g, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(ema, old)
+
+
+def d_gradients(nets: gan_mnist.Nets, real: torch.Tensor, r1: bool, seed: int = 3) -> list[torch.Tensor]:
+    """D's gradient of the D step train_step takes (D's .grad after a step: G's step leaves it alone)."""
+    lrs = [g["lr"] for g in nets.opt_d.param_groups]
+    for g in nets.opt_d.param_groups:
+        g["lr"] = 0.0  # read the gradient without moving D
+    torch.manual_seed(seed)
+    gan_mnist.train_step(nets, real, None, r1)
+    for g, lr in zip(nets.opt_d.param_groups, lrs):
+        g["lr"] = lr
+    return [p.grad.clone() for p in nets.D.parameters()]
+
+
+def test_r1_penalty_is_gamma_over_2_times_the_squared_gradient_at_real_digits(data_dir: Path) -> None:
+    nets, cfg = make_nets("--r1-gamma", "2.5", "--r1-every", "4")
+    real = real_batch(data_dir, 16)
+    got = d_gradients(copy.deepcopy(nets), real, r1=True)
+    # The same D step by hand: BCE on real and fake, plus (gamma / 2) * every * E|grad_x D(x)|^2 on real.
+    torch.manual_seed(3)
+    fake = nets.G(torch.randn(16, 100)).detach()
+    x = real.clone().requires_grad_(True)
+    logits = nets.D(torch.cat([x, fake]))
+    bce = F.binary_cross_entropy_with_logits(logits, torch.cat([torch.ones(16), torch.zeros(16)]))
+    (grad_x,) = torch.autograd.grad(logits[:16].sum(), x, create_graph=True)
+    loss = bce + 2.5 / 2 * 4 * grad_x.square().sum(dim=(1, 2, 3)).mean()
+    expected = torch.autograd.grad(loss, list(nets.D.parameters()))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # And without the penalty the gradient is BCE's alone: the penalty really is applied only on R1 steps.
+    plain = d_gradients(copy.deepcopy(nets), real, r1=False)
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(plain, got))
+
+
+def test_r1_is_applied_every_nth_step_of_the_run(train, monkeypatch) -> None:
+    flags: list[bool] = []
+    real_step = gan_mnist.train_step
+    monkeypatch.setattr(gan_mnist, "train_step", lambda n, x, y, r1=False: (flags.append(r1), real_step(n, x, y, r1)))
+    assert train("run", "--epochs", "2", "--r1-every", "3").exit_code == 0  # 8 steps an epoch
+    assert [i for i, on in enumerate(flags) if on] == [0, 3, 6, 9, 12, 15]
+    flags.clear()
+    assert train("tut", "--epochs", "1", "--recipe", "tutorial").exit_code == 0
+    assert flags and not any(flags)
+
+
+def test_schedules_follow_their_formulas() -> None:
+    nets, cfg = make_nets(
+        "--epochs", "10", "--lr-decay", "linear", "--d-lr", "4e-4", "--instance-noise", "0.2", "--top-k", "0.5"
+    )
+    for epoch, remaining in ((1, 1.0), (6, 0.5), (10, 0.1)):
+        gan_mnist.set_schedule(nets, cfg, epoch)
+        assert nets.opt_g.param_groups[0]["lr"] == pytest.approx(2e-4 * remaining)
+        assert nets.opt_d.param_groups[0]["lr"] == pytest.approx(4e-4 * remaining)  # TTUR: D's own rate
+        assert nets.noise_std.item() == pytest.approx(0.2 * remaining)
+    gan_mnist.set_schedule(nets, cfg, 2)
+    assert nets.top_k_share.item() == pytest.approx(0.99)
+    gan_mnist.set_schedule(nets, cfg, 200)
+    assert nets.top_k_share.item() == pytest.approx(0.5)  # 0.99^199 < 0.5: held at the least share
+    nets, cfg = make_nets("--epochs", "10")
+    gan_mnist.set_schedule(nets, cfg, 10)
+    assert nets.opt_g.param_groups[0]["lr"] == 2e-4 and nets.noise_std is None and nets.top_k_share is None
+
+
+def test_label_smoothing_lowers_only_ds_real_target(data_dir: Path) -> None:
+    nets, _ = make_nets("--label-smoothing", "0.1")
+    d_targets, g_targets = nets.targets(4)
+    assert d_targets.tolist() == pytest.approx([0.9] * 4 + [0.0] * 4)
+    assert g_targets.tolist() == [1.0] * 4, "G's target stays 1 (one-sided)"
+
+
+def test_top_k_learns_only_from_the_fakes_d_rates_highest(data_dir: Path) -> None:
+    nets, _ = make_nets("--top-k", "0.25", "--r1-gamma", "0")
+    nets.top_k_share.fill_(0.25)
+    real = real_batch(data_dir, 16)
+    probe = copy.deepcopy(nets)
+    for g in probe.opt_g.param_groups:
+        g["lr"] = 0.0
+    torch.manual_seed(3)
+    gan_mnist.train_step(probe, real, None)
+    got = [p.grad.clone() for p in probe.G.parameters()]
+    # By hand: the D step first (its lr is not zero), then G's loss over the 4 fakes the new D likes best.
+    torch.manual_seed(3)
+    z = torch.randn(16, 100)
+    fake = nets.G(z)
+    logits = probe.D(fake)
+    top = logits.topk(4).indices
+    loss = F.binary_cross_entropy_with_logits(logits[top], torch.ones(4))
+    expected = torch.autograd.grad(loss, list(nets.G.parameters()))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_instance_noise_reaches_d_and_anneals_away(data_dir: Path) -> None:
+    nets, cfg = make_nets("--instance-noise", "0.5", "--epochs", "4")
+    seen: list[torch.Tensor] = []
+    nets.D.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    real = real_batch(data_dir, 8)
+    gan_mnist.train_step(nets, real, None)
+    assert (seen[0][:8] - real).std().item() == pytest.approx(0.5, rel=0.1), "D sees real digits plus noise"
+    gan_mnist.set_schedule(nets, cfg, 4)
+    assert nets.noise_std.item() == pytest.approx(0.125)
+
+
+def test_d_dropout_and_spectral_norm_change_d_as_documented(data_dir: Path) -> None:
+    nets, _ = make_nets("--d-dropout", "0.5")
+    x = real_batch(data_dir, 8)
+    assert not torch.equal(nets.D(x), nets.D(x)), "dropout is active in training"
+    nets.D.eval()
+    assert torch.equal(nets.D(x), nets.D(x))
+    nets, _ = make_nets("--spectral-norm")
+    for _ in range(30):  # the power iteration converges over forward passes in training mode
+        nets.D(x)
+    layers = [m for m in nets.D.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(layers) == 3
+    for layer in layers:
+        assert torch.linalg.matrix_norm(layer.weight.detach(), 2).item() == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--lr-decay", "linear"],
+        ["--d-dropout", "0.3"],
+        ["--spectral-norm"],
+        ["--label-smoothing", "0.1"],
+        ["--instance-noise", "0.1"],
+        ["--d-lr", "4e-4", "--lr", "1e-4"],
+        ["--top-k", "0.5"],
+        ["--r1-every", "1"],
+    ],
+    ids=lambda f: f[0],
+)
+def test_each_stabiliser_trains_and_resumes_exactly(train, tmp_path: Path, flags: list[str]) -> None:
+    assert train("straight", "--epochs", "2", *flags).exit_code == 0
+    assert train("half", "--epochs", "1", *flags).exit_code == 0
+    resumed = gan_mnist.main(["--resume", str(tmp_path / "half" / "checkpoints" / "last.pt"), "--epochs", "2"])
+    assert resumed.exit_code == 0
+    a, b = load(tmp_path / "straight" / "checkpoints" / "last.pt"), load(tmp_path / "half" / "checkpoints" / "last.pt")
+    assert gan_mnist.weights_sha256(a["generator"]) == gan_mnist.weights_sha256(b["generator"])
+    assert gan_mnist.weights_sha256(a["discriminator"]) == gan_mnist.weights_sha256(b["discriminator"])
+    recorded = a["config"]
+    for name, value in zip(flags, [*flags[1:], None]):
+        if name.startswith("--"):  # the run records the stabiliser it used
+            key = name[2:].replace("-", "_")
+            assert recorded[key] == (True if value is None or value.startswith("--") else type(recorded[key])(value))
