@@ -11,7 +11,9 @@ Threads: by default each loop runs as its own program would, the baseline with t
 Step mode: the seed-style baseline (torchvision DataLoader with per-image ToTensor + Normalize, Sigmoid +
 BCELoss, default Adam, two .item() per step) and gan_mnist's own train_step (with the batch gather it does
 in training) run the same models, batch size, data and device, after a warm-up, in alternating rounds so
-that a slow moment of a shared machine hits both. Ratios are the figure to trust, not absolute times.
+that a slow moment of a shared machine hits both. gan_mnist is timed with its default (stable) recipe and with
+--recipe tutorial: stable_vs_tutorial is what the stabilisers cost. Ratios are the figure to trust, not
+absolute times.
 """
 
 from __future__ import annotations
@@ -96,26 +98,33 @@ class SeedLoop:
 
 
 class GanMnistLoop:
-    """gan_mnist's training step exactly as its trainer drives it: data on the device, index batches."""
+    """gan_mnist's training step exactly as its trainer drives it, for one --recipe: data on the device, index
+    batches, the R1 penalty on every --r1-every-th step."""
 
-    def __init__(self, data_dir: str, batch_size: int, device: torch.device, cuda_graph: bool, precision: str) -> None:
-        cfg = gan_mnist.Config(batch_size=batch_size, precision=precision)
+    def __init__(
+        self, data_dir: str, batch_size: int, device: torch.device, cuda_graph: bool, precision: str, recipe: str
+    ) -> None:
+        cfg = gan_mnist.Config(**{**gan_mnist.RECIPES[recipe], "batch_size": batch_size, "precision": precision})
         images, _ = gan_mnist.load_mnist(data_dir, train=True)
         self.data = images.to(device)
         self.nets = gan_mnist.build_nets(cfg, device, capturable=cuda_graph)
+        gan_mnist.set_schedule(self.nets, cfg, 1)
         self.step_fn = (
             gan_mnist.CudaGraphStep(self.nets, batch_size, False, device)
             if cuda_graph
-            else lambda real, labels: gan_mnist.train_step(self.nets, real, labels)
+            else lambda real, labels, r1: gan_mnist.train_step(self.nets, real, labels, r1)
         )
         self.rng = torch.Generator().manual_seed(0)
-        self.batch_size, self.device, self.batches = batch_size, device, []
+        self.batch_size, self.device, self.batches, self.steps = batch_size, device, [], 0
+        self.r1_every = cfg.r1_every if cfg.r1_gamma > 0 else 0
 
     def step(self) -> None:
         if not self.batches:
             self.batches = gan_mnist.epoch_batches(len(self.data), self.batch_size, self.rng)[::-1]
         idx = self.batches.pop().to(self.device, non_blocking=True)
-        self.step_fn(gan_mnist.to_model_range(self.data[idx]), None)
+        r1 = bool(self.r1_every) and self.steps % self.r1_every == 0
+        self.step_fn(gan_mnist.to_model_range(self.data[idx]), None, r1)
+        self.steps += 1
 
 
 def sync(device: torch.device) -> None:
@@ -147,26 +156,30 @@ def device_name(device: torch.device) -> str:
 
 def bench_steps(args: argparse.Namespace, device: torch.device) -> dict:
     seed = SeedLoop(args.data_dir, args.batch_size, device)
-    ours = GanMnistLoop(
-        args.data_dir, args.batch_size, device, args.cuda_graph and device.type == "cuda", args.precision
-    )
+    graph = args.cuda_graph and device.type == "cuda"
+    ours = GanMnistLoop(args.data_dir, args.batch_size, device, graph, args.precision, "stable")
+    tutorial = GanMnistLoop(args.data_dir, args.batch_size, device, graph, args.precision, "tutorial")
     seed.threads = args.threads or DEFAULT_THREADS
-    ours.threads = args.threads or gan_mnist.auto_threads()
-    for loop in (seed, ours):
+    ours.threads = tutorial.threads = args.threads or gan_mnist.auto_threads()
+    loops = {"baseline": seed, "gan_mnist": ours, "tutorial_recipe": tutorial}
+    for loop in loops.values():
         timed(loop, args.warmup, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     per_round = max(1, args.steps // args.rounds)
-    seed_time = ours_time = 0.0
+    seconds = dict.fromkeys(loops, 0.0)
     for _ in range(args.rounds):
-        seed_time += timed(seed, per_round, device)
-        ours_time += timed(ours, per_round, device)
+        for name, loop in loops.items():
+            seconds[name] += timed(loop, per_round, device)
     steps = per_round * args.rounds
     return {
         "mode": "step",
-        "baseline_steps_per_s": round(steps / seed_time, 2),
-        "gan_mnist_steps_per_s": round(steps / ours_time, 2),
-        "ratio": round(seed_time / ours_time, 2),
+        "baseline_steps_per_s": round(steps / seconds["baseline"], 2),
+        "gan_mnist_steps_per_s": round(steps / seconds["gan_mnist"], 2),
+        "ratio": round(seconds["baseline"] / seconds["gan_mnist"], 2),
+        # The stable recipe's step (lazy R1) against the tutorial recipe's, both gan_mnist's own loop.
+        "tutorial_recipe_steps_per_s": round(steps / seconds["tutorial_recipe"], 2),
+        "stable_vs_tutorial": round(seconds["tutorial_recipe"] / seconds["gan_mnist"], 3),
         "steps": steps,
         "cuda_graph": bool(args.cuda_graph and device.type == "cuda"),
         "baseline_threads": seed.threads,

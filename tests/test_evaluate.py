@@ -183,3 +183,62 @@ def test_full_mnist_judge_reaches_99_percent_and_separates_noise(tmp_path: Path)
     noise = evaluator.score(torch.rand(10000, 1, 28, 28) * 2 - 1)
     assert noise["fid"] > 100 * floor["fid"] and noise["inception_score"] < 1.5 and noise["recall"] < 0.01
     assert noise["precision"] < 0.5 * floor["precision"]
+
+
+def test_best_generator_tracks_the_lowest_fid_and_survives_resume(train, tmp_path: Path, monkeypatch, capsys) -> None:
+    fids = iter([50.0, 30.0, 40.0, 35.0, 20.0])  # scripted scores for epochs 1..5
+    real_evaluate = gan_mnist.evaluate_during_training
+
+    def scripted(cfg, run_dir, G, epoch, evaluator, state):
+        real_evaluate(cfg, run_dir, G, epoch, evaluator, state)  # the real outputs, with a scripted FID
+        state["metrics"][-1]["fid"] = fid = next(fids)
+        return fid
+
+    monkeypatch.setattr(gan_mnist, "evaluate_during_training", scripted)
+    run = tmp_path / "run"
+    assert (
+        train("run", "--epochs", "3", "--eval-every", "1", "--eval-num", "64", "--checkpoint-every", "1").exit_code == 0
+    )
+    best = load(run / "generator_best.pt")
+    assert (best["epoch"], best["fid"]) == (2, 30.0)
+    epoch2 = load(run / "checkpoints" / "epoch_0002.pt")
+    assert all(torch.equal(epoch2["ema"][k], v) for k, v in best["state_dict"].items()), "the EMA G of epoch 2"
+    assert load(run / "checkpoints" / "last.pt")["best"] == {"epoch": 2, "fid": 30.0}
+    assert f"best: epoch 2 (FID 30.00) -> {run / 'generator_best.pt'}" in capsys.readouterr().out
+
+    last = str(run / "checkpoints" / "last.pt")
+    assert gan_mnist.main(["--resume", last, "--epochs", "4", "--quiet"]).exit_code == 0
+    assert load(run / "generator_best.pt")["epoch"] == 2, "35 at epoch 4 does not beat the carried-on 30"
+    assert gan_mnist.main(["--resume", last, "--epochs", "5", "--quiet"]).exit_code == 0
+    assert (load(run / "generator_best.pt")["epoch"], load(run / "generator_best.pt")["fid"]) == (5, 20.0)
+    # generate and evaluate take it like any generator.pt
+    assert (
+        gan_mnist.main(
+            ["generate", "--checkpoint", str(run / "generator_best.pt"), "--out", str(tmp_path / "b.npy")]
+        ).exit_code
+        == 0
+    )
+
+
+def test_metrics_json_records_the_best_evaluation(train, tmp_path: Path) -> None:
+    assert train("run", "--epochs", "2", "--eval-every", "1", "--eval-num", "64").exit_code == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").read_text().splitlines()))
+    best_row = min(rows, key=lambda r: float(r["fid"]))
+    assert metrics["best"]["epoch"] == int(best_row["epoch"])
+    assert metrics["best"]["fid"] == pytest.approx(float(best_row["fid"]), rel=1e-5)
+    assert load(tmp_path / "run" / "generator_best.pt")["epoch"] == int(best_row["epoch"])
+
+
+def test_evaluating_never_changes_the_training(train, tmp_path: Path) -> None:
+    """Evaluation at any schedule leaves the weights as a run that never evaluates."""
+    assert train("off", "--epochs", "2").exit_code == 0
+    assert train("every", "--epochs", "2", "--eval-every", "1", "--eval-num", "64").exit_code == 0
+    assert train("half", "--epochs", "1", "--eval-every", "0", "--eval-num", "64").exit_code == 0
+    last = str(tmp_path / "half" / "checkpoints" / "last.pt")
+    assert gan_mnist.main(["--resume", last, "--epochs", "2", "--quiet"]).exit_code == 0
+    prints = {
+        name: gan_mnist.weights_sha256(load(tmp_path / name / "checkpoints" / "last.pt")["generator"])
+        for name in ("off", "every", "half")
+    }
+    assert len(set(prints.values())) == 1, prints

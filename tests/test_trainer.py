@@ -377,6 +377,8 @@ def test_benchmark_prints_one_json_line_with_both_loops(data_dir: Path) -> None:
         "baseline_steps_per_s",
         "gan_mnist_steps_per_s",
         "ratio",
+        "tutorial_recipe_steps_per_s",
+        "stable_vs_tutorial",
         "device",
         "device_name",
         "torch",
