@@ -27,6 +27,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import sys
@@ -169,10 +170,25 @@ def _flag(name: str) -> str:
 def _device_arg(text: str) -> str:
     if text != "auto":
         try:
-            torch.device(text)
+            kind = torch.device(text).type
         except RuntimeError:
-            raise argparse.ArgumentTypeError(f"unknown device {text!r} (auto, cpu, cuda, cuda:N, mps)") from None
+            kind = None
+        if kind not in ("cpu", "cuda", "mps"):
+            raise argparse.ArgumentTypeError(f"unknown device {text!r} (auto, cpu, cuda, cuda:N, mps)")
     return text
+
+
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
+MAX_EVAL_NUM = 50_000  # digits per evaluation: images and features stay under about 250 MB
+MAX_GRID = 10_000  # digits in one .png grid (a 100 x 100 grid is already 3,000 pixels wide)
+MAX_NPY = 10_000_000  # digits in one .npy (7.8 GB on disk; written in chunks, memory stays small)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -214,12 +230,13 @@ def check_config(cfg: Config) -> str | None:
             cfg.subset == 0 or cfg.subset >= cfg.batch_size,
             f"--subset {cfg.subset} is smaller than one batch (--batch-size {cfg.batch_size})",
         ),
-        (cfg.threads >= 0, "--threads must be >= 0"),
+        (0 <= cfg.threads <= _cpus(), f"--threads must be 0 (auto) to {_cpus()}, the CPUs this process may use"),
+        (0 <= cfg.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED}"),
         (cfg.sample_every > 0, "--sample-every must be a positive integer"),
         (cfg.checkpoint_every > 0, "--checkpoint-every must be a positive integer"),
         (cfg.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
         (cfg.eval_every >= -1, "--eval-every must be a positive integer, 0 or -1"),
-        (cfg.eval_num >= 10, "--eval-num must be at least 10"),
+        (10 <= cfg.eval_num <= MAX_EVAL_NUM, f"--eval-num must be 10 to {MAX_EVAL_NUM}"),
         (cfg.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
         (cfg.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}"),
         (cfg.r1_gamma >= 0 and math.isfinite(cfg.r1_gamma), "--r1-gamma must be >= 0"),
@@ -244,14 +261,19 @@ def load_mnist(data_dir: str | Path, train: bool = True) -> tuple[Tensor, Tensor
         raise GanError(f"--data-dir {root} is a file, not a folder")
     raw = root / "MNIST" / "raw"
     if not all((raw / name).is_file() for name in MNIST_FILES):
+        new_folders = [d for d in (raw, raw.parent, root) if not d.exists()]
         try:  # torchvision prints each failed mirror; the one line below says it all
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 torchvision.datasets.MNIST(root, train=train, download=True)
         except Exception as exc:
+            for folder in new_folders:  # a failed download leaves no empty folders behind
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             reason = str(exc).strip().splitlines()[-1].strip(" <>") if str(exc).strip() else type(exc).__name__
             raise GanError(
-                f"MNIST is not in {raw} and could not be downloaded ({reason}); put the four files "
-                f"{', '.join(MNIST_FILES)} (or their .gz) in {raw}, e.g. from https://ossci-datasets.s3.amazonaws.com/mnist/"
+                f"MNIST is not in {raw} (--data-dir {root}) and could not be downloaded ({reason}); put the four "
+                f"files {', '.join(MNIST_FILES)} (or their .gz) in {raw}, e.g. from "
+                "https://ossci-datasets.s3.amazonaws.com/mnist/, or pass --data-dir DIR where DIR/MNIST/raw holds them"
             ) from exc
     try:
         dataset = torchvision.datasets.MNIST(root, train=train, download=False)
@@ -364,11 +386,7 @@ def auto_threads() -> int:
     """One CPU fewer than this process may use, at most 4. Torch's worker threads spin-wait for each other
     on every op: a busy core elsewhere stalls them all (2 threads on 2 cores: 199 steps/s alone, 52 with one
     core busy), while 1 thread holds 150 either way (README, 'CPU threads')."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cpus = os.cpu_count() or 1
-    return max(1, min(4, cpus - 1))
+    return max(1, min(4, _cpus() - 1))
 
 
 def make_adam(params: Any, cfg: Config, lr: float, capturable: bool = False) -> torch.optim.Adam:
@@ -566,8 +584,9 @@ class CudaGraphStep:
 
 
 class StopSignal:
-    """Turns Ctrl-C / SIGTERM into a flag the loop checks between steps, so the run stops at a clean point
-    and saves. A second signal while saving is ignored: the save finishes."""
+    """Turns Ctrl-C / SIGTERM / SIGHUP into a flag the loop checks between steps, so the run stops at a clean
+    point and saves. Held until the run's last output is written: a second signal is ignored, the save
+    finishes."""
 
     def __init__(self) -> None:
         self.signum = 0
@@ -578,8 +597,9 @@ class StopSignal:
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
+            for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -609,10 +629,14 @@ class RunLock:
                 raise GanError(
                     f"{self.path.parent} is in use by a training run ({owner}); wait for it or choose another --out-dir"
                 ) from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()}")
-        self.file.flush()
+        try:
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.write(f"pid {os.getpid()}")
+            self.file.flush()
+        except OSError as exc:  # a full disk
+            self.file.close()
+            raise GanError(f"cannot write to the run folder {self.path.parent}: {exc.strerror or exc}") from None
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -621,8 +645,61 @@ class RunLock:
 
 
 def holds_run(folder: Path) -> bool:
-    """A folder holds a run once it has a checkpoint: before that there is nothing to lose or resume."""
+    """A folder holds a resumable run once it has a checkpoint."""
     return (folder / "checkpoints" / "last.pt").exists()
+
+
+# Every name gan_mnist writes in a run folder. A new run starts only where none of them exists, so it never
+# writes over results (a finished run whose checkpoints were deleted, `--out-dir .` in a project folder).
+RUN_OUTPUTS = (
+    "config.json",
+    "losses.csv",
+    "losses.png",
+    "metrics.csv",
+    "metrics.json",
+    "metrics.png",
+    "progress.gif",
+    "generator.pt",
+    "generator_best.pt",
+    "samples",
+    "checkpoints",
+)
+
+
+def check_new_run_dir(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise GanError(f"--out-dir {folder} is a file, not a folder")
+    if holds_run(folder):
+        raise GanError(
+            f"{folder} already holds a run; resume it with --resume "
+            f"{folder / 'checkpoints' / 'last.pt'}, or choose another --out-dir"
+        )
+    found = [name for name in RUN_OUTPUTS if (folder / name).exists()]
+    if found:
+        raise GanError(
+            f"{folder} already holds results of gan_mnist ({', '.join(found[:4])}); choose another --out-dir "
+            "(a new run starts only in a new or empty folder, or one without gan_mnist's outputs)"
+        )
+
+
+def own_files(folder: Path, prefix: str, suffix: str) -> list[tuple[int, Path]]:
+    """gan_mnist's numbered files in `folder` (prefix + 4 or more digits + suffix, nothing else), by number:
+    a user's `epoch_0002-best.pt` or `epoch_0002 (copy).png` is neither counted nor deleted."""
+    pattern = re.compile(re.escape(prefix) + r"(\d{4,})" + re.escape(suffix))
+    found = [(int(m.group(1)), p) for p in folder.glob(f"{prefix}*{suffix}") if (m := pattern.fullmatch(p.name))]
+    return sorted(found)
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Temporary files of a process killed mid-write (atomic_write's `.NAME.tmpPID`), for gan_mnist's own
+    names only; the real files beside them are intact."""
+    pattern = re.compile(r"\.(.+)\.tmp\d+")
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "samples"):
+        for tmp in folder.glob(".*.tmp*"):
+            m = pattern.fullmatch(tmp.name)
+            name = m.group(1) if m else ""
+            if name in RUN_OUTPUTS or re.fullmatch(r"(epoch_\d{4,}|last)\.(pt|png)", name):
+                tmp.unlink(missing_ok=True)
 
 
 def new_run_dir() -> Path:
@@ -661,6 +738,7 @@ RUN_STATE = (
     "fixed_noise",
     "fixed_labels",
     "best",
+    "invocations",
 )
 
 
@@ -693,16 +771,14 @@ def fixed_inputs(cfg: Config) -> tuple[Tensor, Tensor | None]:
 def train(cfg: Config, given: set[str]) -> Result:
     """Runs (or resumes) a training run; see the module docstring."""
     checkpoint = None
-    if cfg.resume:
+    if cfg.resume:  # resolved now: `--resume last.pt` from inside checkpoints/ names that run, from anywhere
+        cfg = dataclasses.replace(cfg, resume=str(Path(cfg.resume).resolve()))
         checkpoint = load_checkpoint(cfg.resume, CHECKPOINT_FORMAT)
         cfg, run_dir = resume_config(cfg, given, checkpoint)
     else:
         run_dir = Path(cfg.out_dir) if cfg.out_dir else None
-        if run_dir is not None and holds_run(run_dir):
-            raise GanError(
-                f"{run_dir} already holds a run; resume it with --resume "
-                f"{run_dir / 'checkpoints' / 'last.pt'}, or choose another --out-dir"
-            )
+        if run_dir is not None:
+            check_new_run_dir(run_dir)
     device = resolve_device(cfg.device)
     if run_dir is None:
         run_dir = new_run_dir()
@@ -713,7 +789,11 @@ def train(cfg: Config, given: set[str]) -> Result:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise GanError(f"cannot create --out-dir {run_dir}: {exc.strerror or exc}") from exc
-    cfg = dataclasses.replace(cfg, out_dir=str(run_dir))
+    # Absolute paths in config.json and the checkpoint: a resume from another working directory finds all.
+    judge = str(Path(cfg.judge).resolve()) if cfg.judge else ""
+    cfg = dataclasses.replace(
+        cfg, out_dir=str(run_dir.resolve()), data_dir=str(Path(cfg.data_dir).resolve()), judge=judge
+    )
     try:
         with RunLock(run_dir):
             return _train_locked(cfg, run_dir, device, checkpoint)
@@ -725,7 +805,9 @@ def train(cfg: Config, given: set[str]) -> Result:
 
 def resume_config(cfg: Config, given: set[str], checkpoint: dict[str, Any]) -> tuple[Config, Path]:
     known = {f.name for f in dataclasses.fields(Config)}
-    saved = Config(**{k: v for k, v in checkpoint["config"].items() if k in known})
+    recorded = {k: v for k, v in checkpoint["config"].items() if k in known}
+    # A checkpoint from before --recipe existed trained the tutorial's maths: it carries on with them.
+    saved = Config(**{**RECIPES[recorded.get("recipe", "tutorial")], "recipe": "tutorial", **recorded})
     for name in RUN_DEFINING:
         was, now = getattr(saved, name), getattr(cfg, name)
         if name in given and now != was:
@@ -746,8 +828,7 @@ def resume_config(cfg: Config, given: set[str], checkpoint: dict[str, Any]) -> t
     own_dir = resume_path.parent.parent if resume_path.parent.name == "checkpoints" else Path(saved.out_dir)
     if "out_dir" in given and Path(cfg.out_dir).resolve() != own_dir.resolve():
         run_dir = Path(cfg.out_dir)  # branching the run into a new folder
-        if holds_run(run_dir):
-            raise GanError(f"{run_dir} already holds a run; choose another --out-dir")
+        check_new_run_dir(run_dir)
         return merged, run_dir
     last = own_dir / "checkpoints" / "last.pt"
     if last.exists() and last.resolve() != resume_path.resolve():
@@ -775,6 +856,7 @@ class Run:
     data_rng: torch.Generator
     state: dict[str, Any]
     step_fn: Callable[[Tensor, Tensor | None, bool], None]
+    test_images: Tensor | None = None  # read at the start when the run evaluates: a bad file fails at once
     evaluator: Evaluator | None = None
     last_plot: float = field(default_factory=time.monotonic)
     last_gif: float = field(default_factory=time.monotonic)
@@ -798,7 +880,8 @@ def _train_locked(cfg: Config, run_dir: Path, device: torch.device, checkpoint: 
             final = epoch == cfg.epochs
             if epoch % cfg.sample_every == 0 or final:
                 save_samples(run.nets.sampler(), *run.state["fixed"], run.dir / "samples" / f"epoch_{epoch:04d}.png")
-            if cfg.eval_every >= 0 and (final or cfg.eval_every and epoch % cfg.eval_every == 0):
+            due = cfg.eval_every >= 0 and (final or cfg.eval_every and epoch % cfg.eval_every == 0)
+            if due and not stop.signum:  # after a signal, save and stop: no new work
                 evaluate_epoch(run, epoch)
             write_logs(run, final)
             save_epoch_checkpoint(run, epoch)
@@ -822,6 +905,12 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict
             raise GanError(f"--subset {cfg.subset} is more than the {len(images)} training images")
         images, labels = images[: cfg.subset], labels[: cfg.subset]
 
+    test_images = None
+    if cfg.eval_every >= 0:  # every file the run will need is checked before the first step, not after it
+        test_images, _ = load_mnist(cfg.data_dir, train=False)
+        if cfg.judge:
+            check_judge_path(Path(cfg.judge))
+
     nets = build_nets(cfg, device, capturable=use_graph)
     data_rng = torch.Generator().manual_seed(cfg.seed)
     fixed_noise, fixed_labels = fixed_inputs(cfg)
@@ -837,6 +926,7 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict
         "fixed_labels": fixed_labels,
         "best": None,  # {"epoch", "fid"} of the lowest-FID evaluation so far: generator_best.pt
         "data_rng": data_rng.get_state(),
+        "invocations": [],  # what really ran, at the start and at each resume (config.json)
     }
     if checkpoint is not None:
         restore(nets, checkpoint, cfg, device, data_rng)
@@ -849,6 +939,19 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict
     step_fn = CudaGraphStep(nets, cfg.batch_size, cfg.conditional, device) if use_graph else None
     # The training set stays uint8 on the device (47 MB instead of 188 MB as floats: what keeps a default CPU
     # run under 1 GiB); each gathered batch is brought to [-1, 1] in one vectorised op.
+    state["invocations"] = [
+        *state["invocations"],
+        {
+            "started": datetime.now().isoformat(timespec="seconds"),
+            "from_epoch": state["epoch"],
+            "epochs": cfg.epochs,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "precision": "bf16" if nets.bf16 else "tf32" if device.type == "cuda" else "fp32",
+            "torch": str(torch.__version__),
+            "resume": cfg.resume or None,
+        },
+    ]
     run = Run(
         cfg,
         run_dir,
@@ -860,13 +963,18 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict
         data_rng,
         state,
         step_fn or functools.partial(train_step, nets),
+        test_images=test_images,
     )
 
     for folder in (run.ckpt_dir, run_dir / "samples"):
-        folder.mkdir(exist_ok=True)
-    for stale in run.ckpt_dir.glob(".*.tmp*"):  # left by a process killed mid-save; the real file is intact
-        stale.unlink(missing_ok=True)
-    write_json(run_dir / "config.json", dataclasses.asdict(cfg))
+        try:
+            folder.mkdir(exist_ok=True)
+        except OSError as exc:  # e.g. a file named `samples` in the run folder
+            raise GanError(f"cannot create the folder {folder}: {exc.strerror or exc}") from None
+        if not folder.is_dir():
+            raise GanError(f"{folder} is a file; gan_mnist needs a folder of that name in the run folder")
+    remove_stale_temporaries(run_dir)
+    write_json(run_dir / "config.json", {**dataclasses.asdict(cfg), "invocations": state["invocations"]})
     if checkpoint is not None:  # history in the checkpoint is the truth: drop rows of epochs redone now
         write_losses(run_dir, state["history"], plot=False)
         prune_samples(run_dir / "samples", after_epoch=state["epoch"])
@@ -948,7 +1056,8 @@ def record_epoch(run: Run, epoch: int) -> None:
 def evaluate_epoch(run: Run, epoch: int) -> None:
     """Scores the sampling generator; a new lowest FID is kept as generator_best.pt."""
     cfg = run.cfg
-    run.evaluator = run.evaluator or Evaluator(cfg.data_dir, cfg.judge, cfg.eval_num, cfg.quiet, run.train_images)
+    if run.evaluator is None:
+        run.evaluator = Evaluator(cfg.data_dir, cfg.judge, cfg.eval_num, cfg.quiet, run.train_images, run.test_images)
     fid = evaluate_during_training(cfg, run.dir, run.nets.sampler(), epoch, run.evaluator, run.state)
     if run.state["best"] is None or fid < run.state["best"]["fid"]:
         run.state["best"] = {"epoch": epoch, "fid": fid}
@@ -981,12 +1090,16 @@ def finish_run(run: Run, interrupted: int) -> Result:
     write_losses(run.dir, state["history"], plot=True)
     write_gif(run.dir)
     if interrupted:
-        print(
-            f"\n{signal.Signals(interrupted).name}: stopped at epoch {state['epoch'] + 1} step {state['step']}; "
-            f"saved {ckpt}. Resume with: python gan_mnist.py --resume {ckpt} --epochs {run.cfg.epochs}",
-            file=sys.stderr,
-            flush=True,
-        )
+        name = signal.Signals(interrupted).name
+        if state["epoch"] == run.cfg.epochs:  # the signal came after the last step (while writing outputs)
+            print(f"\n{name}: the run had finished all {state['epoch']} epochs; saved {ckpt}", file=sys.stderr)
+        else:
+            print(
+                f"\n{name}: stopped at epoch {state['epoch'] + 1} step {state['step']}; saved {ckpt}. "
+                f"Resume with: python gan_mnist.py --resume {ckpt} --epochs {run.cfg.epochs}",
+                file=sys.stderr,
+                flush=True,
+            )
         return Result(128 + interrupted, run.dir, state["history"])
     total = sum(row["seconds"] for row in state["history"])
     print(
@@ -1128,9 +1241,25 @@ def default_judge_path(train_images: Tensor) -> Path:
     return cache / "gan_mnist" / f"judge-{digest}.pt"
 
 
-def load_or_train_judge(path: Path, data_dir: str | Path, quiet: bool = False) -> tuple[Judge, dict[str, Any]]:
-    """The judge cached at `path`; trained (about 30 s on 2 CPU cores) when missing, corrupt or tampered."""
-    if path.is_file():
+def check_judge_path(path: Path) -> dict[str, Any] | None:
+    """A --judge path the user named may be written only if it does not exist or holds a judge: returns the
+    saved judge (None if there is none yet), or raises a GanError that leaves the file alone."""
+    if not path.exists():
+        return None
+    try:
+        return load_checkpoint(path, JUDGE_FORMAT)
+    except GanError as exc:
+        raise GanError(f"--judge {path}: {exc}; it is not a gan_mnist judge cache, so it is left as it is") from None
+
+
+def load_or_train_judge(
+    path: Path, data_dir: str | Path, quiet: bool = False, owned: bool = True
+) -> tuple[Judge, dict[str, Any]]:
+    """The judge cached at `path`; trained (about 30 s on 2 CPU cores) when missing, corrupt or tampered. A path
+    not `owned` (one the user named) is only written if it is new or already holds a judge."""
+    if not owned:
+        check_judge_path(path)
+    if path.exists():
         try:
             saved = load_checkpoint(path, JUDGE_FORMAT)
             with torch.random.fork_rng(devices=[]):  # its throwaway init must not shift a training run's noise
@@ -1139,7 +1268,7 @@ def load_or_train_judge(path: Path, data_dir: str | Path, quiet: bool = False) -
             if weights_sha256(judge.state_dict()) == saved["sha256"]:
                 return judge.eval(), {k: saved[k] for k in ("sha256", "test_accuracy", "train_images")}
             reason = "its weights do not match their recorded hash"
-        except (GanError, RuntimeError, KeyError) as exc:
+        except (GanError, RuntimeError, KeyError, TypeError, ValueError) as exc:
             reason = str(exc)
         print(f"note: retraining the judge network, the cached one is unusable: {reason}", file=sys.stderr)
     elif not quiet:
@@ -1237,18 +1366,20 @@ class Evaluator:
         judge_path: str | Path | None,
         num: int,
         quiet: bool = False,
-        train_images: Tensor | None = None,  # the trainer's copy (uint8), saving a second read of MNIST
+        train_images: Tensor | None = None,  # the trainer's copies (uint8), saving a second read of MNIST
+        test_images: Tensor | None = None,
     ) -> None:
         self.num = num
         if train_images is None:
             train_images, _ = load_mnist(data_dir, train=True)
         path = Path(judge_path) if judge_path else default_judge_path(train_images)
-        self.judge, self.judge_info = load_or_train_judge(path, data_dir, quiet)
+        self.judge, self.judge_info = load_or_train_judge(path, data_dir, quiet, owned=not judge_path)
         with compact_heap():
-            self._reference(data_dir, train_images)
+            self._reference(data_dir, train_images, test_images)
 
-    def _reference(self, data_dir: str | Path, train_images: Tensor) -> None:
-        test_images, _ = load_mnist(data_dir, train=False)
+    def _reference(self, data_dir: str | Path, train_images: Tensor, test_images: Tensor | None) -> None:
+        if test_images is None:
+            test_images, _ = load_mnist(data_dir, train=False)
         self.test_feats, _ = judge_outputs(self.judge, to_model_range(test_images))
         real = to_model_range(train_images[: self.num].cpu())
         self.floor = sample_metrics(*judge_outputs(self.judge, real), self.test_feats)
@@ -1392,7 +1523,78 @@ def load_checkpoint(path: str | Path, *formats: str) -> dict[str, Any]:
     if not isinstance(obj, dict) or obj.get("format") not in formats:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise GanError(f"{path} is not a {' or '.join(formats)} file (found {found!r})")
+    problem = schema_problem(obj)
+    if problem:
+        raise GanError(f"{path} is damaged: {problem}")
     return obj
+
+
+# The fields each file format must hold, with their types: a file with the right tag but a missing or mistyped
+# field is refused with one line, before anything is built from it.
+SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
+    GENERATOR_FORMAT: {"epoch": (int,), "latent_dim": (int,), "num_classes": (int,), "state_dict": (dict,)},
+    CHECKPOINT_FORMAT: {
+        "config": (dict,),
+        "epoch": (int,),
+        "step": (int,),
+        "epoch_steps": (int,),
+        "epoch_seconds": (int, float),
+        "epoch_stats": (Tensor,),
+        "history": (list,),
+        "metrics": (list,),
+        "fixed_noise": (Tensor,),
+        "fixed_labels": (Tensor, type(None)),
+        "generator": (dict,),
+        "discriminator": (dict,),
+        "ema": (dict, type(None)),
+        "ema_updates": (Tensor,),
+        "opt_g": (dict,),
+        "opt_d": (dict,),
+        "rng": (dict,),
+    },
+    JUDGE_FORMAT: {"state_dict": (dict,), "sha256": (str,), "test_accuracy": (float,), "train_images": (int,)},
+}
+
+
+def schema_problem(obj: dict[str, Any]) -> str | None:
+    for key, kinds in SCHEMAS[obj["format"]].items():
+        if key not in obj:
+            return f"its field {key!r} is missing"
+        if not isinstance(obj[key], kinds) or isinstance(obj[key], bool) and bool not in kinds:
+            return f"its field {key!r} is a {type(obj[key]).__name__}, not a {' or '.join(k.__name__ for k in kinds)}"
+    if obj["format"] == GENERATOR_FORMAT:
+        if not 0 < obj["latent_dim"] <= 4096:
+            return f"latent_dim {obj['latent_dim']} is outside 1..4096"
+        if obj["num_classes"] not in (0, NUM_CLASSES):
+            return f"num_classes {obj['num_classes']} is neither 0 nor {NUM_CLASSES}"
+    if obj["format"] == CHECKPOINT_FORMAT:
+        if obj["epoch"] < 0 or obj["step"] < 0:
+            return f"epoch {obj['epoch']} / step {obj['step']} is negative"
+        rng = obj["rng"]
+        if not all(isinstance(rng.get(k), Tensor) and rng[k].dtype == torch.uint8 for k in ("torch", "data")):
+            return "its random-number state 'rng' lacks the 'torch' and 'data' byte tensors"
+        return config_problem(obj["config"])
+    return None
+
+
+def config_problem(saved: dict[str, Any]) -> str | None:
+    """What is wrong with a config read from a file: an unknown type, or a value check_config refuses."""
+    kinds = {"int": int, "float": (int, float), "str": str, "bool": bool}
+    for f in dataclasses.fields(Config):
+        if f.name in saved:
+            value = saved[f.name]
+            kind = kinds[f.type if isinstance(f.type, str) else f.type.__name__]
+            if not isinstance(value, kind) or isinstance(value, bool) and f.type not in ("bool", bool):
+                return f"config {f.name} is {value!r}"
+    try:
+        known = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}}
+        known.pop("threads", None)  # another machine's CPU count; a resume picks its own
+        problem = check_config(dataclasses.replace(Config(), **known))
+    except (TypeError, ValueError) as exc:
+        problem = str(exc)
+    if problem:
+        return f"its config is invalid ({problem})"
+    return None
 
 
 def save_generator(path: Path, nets: Nets, epoch: int, **extra: Any) -> None:
@@ -1445,19 +1647,29 @@ def save_samples(G: Generator, noise: Tensor, labels: Tensor | None, path: Path)
 
 
 def prune_samples(samples_dir: Path, after_epoch: int) -> None:
-    for png in samples_dir.glob("epoch_*.png"):
-        if int(png.stem.split("_")[1]) > after_epoch:
+    for epoch, png in own_files(samples_dir, "epoch_", ".png"):
+        if epoch > after_epoch:
             png.unlink()
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
     if keep > 0:
-        for old in sorted(ckpt_dir.glob("epoch_*.pt"))[:-keep]:
+        for _, old in own_files(ckpt_dir, "epoch_", ".pt")[:-keep]:
             old.unlink()
 
 
+def read_frame(path: Path) -> Image.Image | None:
+    """A sample grid as a GIF frame; None if it is unreadable (truncated by a crash, damaged by hand)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("P")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
 def write_gif(run_dir: Path) -> None:
-    frames = [Image.open(p).convert("P") for p in sorted((run_dir / "samples").glob("epoch_*.png"))]
+    grids = own_files(run_dir / "samples", "epoch_", ".png")
+    frames = [frame for _, path in grids if (frame := read_frame(path)) is not None]
     if frames:
         atomic_write(
             run_dir / "progress.gif",
@@ -1508,6 +1720,9 @@ def plot_curves(path: Path, rows: list[dict[str, Any]], panels: list[tuple[str, 
 # ========================================================================================== 7. commands
 
 
+GENERATE_CHUNK = 10_000
+
+
 def build_generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gan_mnist.py generate", description="Draw digits from a trained generator.")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="generator.pt or a checkpoint .pt")
@@ -1538,21 +1753,31 @@ def generate(args: argparse.Namespace) -> Result:
         per_row = math.ceil(args.num / 10)
         labels, nrow = torch.arange(10).repeat_interleave(per_row), per_row
     elif digit is not None:
-        if not (digit.isdigit() and 0 <= int(digit) <= 9):
+        if digit not in tuple("0123456789"):  # not isdigit(): it accepts '²', which int() refuses
             raise GanError(f"--digit {digit}: choose a digit 0-9 or 'all'")
         labels = torch.full((args.num,), int(digit))
     num = len(labels) if labels is not None else args.num
-    with torch.no_grad():
-        z = torch.randn(num, G.latent_dim).to(device)
-        images = G(z, None if labels is None else labels.to(device))
+
+    @torch.no_grad()
+    def draw(start: int, count: int) -> Tensor:
+        z = torch.randn(count, G.latent_dim).to(device)
+        return G(z, None if labels is None else labels[start : start + count].to(device))
+
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GanError(f"cannot create the folder of --out {out}: {exc.strerror or exc}") from exc
-    if out.suffix.lower() == ".npy":
-        array = to_uint8(images).squeeze(1).numpy()
-        atomic_write(out, lambda f: np.save(f, array))
+    if out.suffix.lower() == ".npy":  # streamed in chunks: a million digits need no more memory than 10,000
+
+        def write_npy(f: IO[bytes]) -> None:
+            header = {"descr": "|u1", "fortran_order": False, "shape": (num, 28, 28)}
+            np.lib.format.write_array_header_1_0(f, header)
+            for start in range(0, num, GENERATE_CHUNK):
+                f.write(to_uint8(draw(start, min(GENERATE_CHUNK, num - start))).numpy().tobytes())
+
+        atomic_write(out, write_npy)
     else:
+        images = draw(0, num)
         atomic_write(out, lambda f: save_image(images, f, format="png", nrow=nrow, normalize=True, value_range=(-1, 1)))
     print(f"wrote {num} digits to {out}")
     return Result(0, out.parent)
@@ -1561,8 +1786,8 @@ def generate(args: argparse.Namespace) -> Result:
 def build_evaluate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gan_mnist.py evaluate",
-        description="Score a generator with an MNIST judge network; prints JSON and "
-        "writes metrics.json beside the checkpoint.",
+        description="Score a generator with an MNIST judge network: prints a summary and writes every metric "
+        "to CHECKPOINT.eval.json beside it (generator.pt -> generator.eval.json).",
     )
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="generator.pt or a checkpoint .pt")
     p.add_argument("--num", type=int, default=10000, help="generated digits to score (default: 10000)")
@@ -1574,6 +1799,8 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
         help=JUDGE_HELP,
     )
     p.add_argument("--raw", action="store_true", help="score the raw generator of a checkpoint, not its EMA")
+    p.add_argument("--json", action="store_true", help="print the full metrics as one JSON line")
+    p.add_argument("--out", default="", metavar="FILE", help="metrics file (default: CHECKPOINT with .eval.json)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--device", type=_device_arg, default="auto", help="default: auto")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -1592,9 +1819,26 @@ def evaluate_command(args: argparse.Namespace) -> Result:
         "weights": "ema" if ema else "raw",
         **metrics,
     }
-    out = Path(args.checkpoint).with_name("metrics.json")
+    # Beside the checkpoint, named after it: never the run's own metrics.json, which training writes.
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".eval.json")
     write_json(out, metrics)
-    print(json.dumps(metrics))
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        floor = metrics["real_floor"]
+        print(
+            f"{args.checkpoint} (epoch {metrics['epoch']}, {metrics['weights']} weights), {metrics['num_samples']} "
+            f"digits: FID {metrics['fid']:.2f} (real digits {floor['fid']:.2f}), IS {metrics['inception_score']:.2f} "
+            f"(real {floor['inception_score']:.2f}), modes {metrics['modes_covered']}/10, "
+            f"KL to uniform {metrics['kl_to_uniform']:.3f}, precision {metrics['precision']:.3f}, "
+            f"recall {metrics['recall']:.3f}"
+            + (
+                f", weakest digit read as asked {min(metrics['digit_accuracy']):.3f}"
+                if "digit_accuracy" in metrics
+                else ""
+            )
+        )
+        print(f"wrote all metrics to {out}")
     return Result(0, out.parent, metrics=metrics)
 
 
@@ -1617,13 +1861,18 @@ def main(argv: list[str] | None = None) -> Result:
         debug = cfg.debug
     elif command == "generate":
         args = build_generate_parser().parse_args(argv[1:])
-        if args.num <= 0:
-            build_generate_parser().error("--num must be a positive integer")
+        limit = MAX_NPY if args.out.lower().endswith(".npy") else MAX_GRID
+        if not 0 < args.num <= limit:
+            build_generate_parser().error(f"--num must be 1 to {limit} for a {Path(args.out).suffix or 'grid'} file")
+        if not 0 <= args.seed <= MAX_SEED:
+            build_generate_parser().error(f"--seed must be in 0..{MAX_SEED}")
         run, debug = (lambda: generate(args)), args.debug
     else:
         args = build_evaluate_parser().parse_args(argv[1:])
-        if args.num < 10:  # as --eval-num: FID and the k-NN radii need a sample to speak of
-            build_evaluate_parser().error("--num must be at least 10")
+        if not 10 <= args.num <= MAX_EVAL_NUM:  # as --eval-num: FID and the k-NN radii need a sample
+            build_evaluate_parser().error(f"--num must be 10 to {MAX_EVAL_NUM}")
+        if not 0 <= args.seed <= MAX_SEED:
+            build_evaluate_parser().error(f"--seed must be in 0..{MAX_SEED}")
         run, debug = (lambda: evaluate_command(args)), args.debug
     try:
         return run()
@@ -1632,6 +1881,11 @@ def main(argv: list[str] | None = None) -> Result:
             traceback.print_exc()
         print(f"gan_mnist: error: {exc}", file=sys.stderr, flush=True)
         return Result(1)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (start-up, generate, evaluate): nothing to save
+        if debug:
+            traceback.print_exc()
+        print("gan_mnist: interrupted", file=sys.stderr, flush=True)
+        return Result(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

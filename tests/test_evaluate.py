@@ -91,14 +91,23 @@ def test_judge_cache_is_reused_and_retrained_when_corrupt(data_dir: Path, tmp_pa
 
 
 def test_evaluate_command_prints_json_and_writes_metrics(train, data_dir: Path, tmp_path: Path, capsys) -> None:
-    assert train("run", "--epochs", "1").exit_code == 0
+    assert train("run", "--epochs", "1", "--eval-every", "0", "--eval-num", "64").exit_code == 0
+    run_metrics = (tmp_path / "run" / "metrics.json").read_bytes()
     capsys.readouterr()
     ckpt = tmp_path / "run" / "generator.pt"
-    result = gan_mnist.main(["evaluate", "--checkpoint", str(ckpt), "--num", "256", "--data-dir", str(data_dir)])
+    args = ["evaluate", "--checkpoint", str(ckpt), "--num", "256", "--data-dir", str(data_dir)]
+    result = gan_mnist.main(args)
     assert result.exit_code == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    saved = json.loads((tmp_path / "run" / "generator.eval.json").read_text())
+    # A short summary for people, the file named; the run's own training record is left alone.
+    assert len(out) == 2 and f"FID {saved['fid']:.2f}" in out[0] and out[1].endswith("generator.eval.json")
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == run_metrics
+    assert json.loads(json.dumps(result.metrics)) == saved
+    again = gan_mnist.main([*args, "--json"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert printed == saved == json.loads(json.dumps(result.metrics))
+    assert printed == json.loads((tmp_path / "run" / "generator.eval.json").read_text())
+    assert printed == json.loads(json.dumps(again.metrics))
     for key in (
         "fid",
         "inception_score",

@@ -276,8 +276,9 @@ def test_missing_data_without_network_says_what_to_do(
     line = one_line_error(capsys.readouterr().err)
     for name in gan_mnist.MNIST_FILES:
         assert name in line
-    assert str(tmp_path / "empty" / "MNIST" / "raw") in line
+    assert str(tmp_path / "empty" / "MNIST" / "raw") in line and "--data-dir" in line
     assert not (tmp_path / "run").exists(), "a failed start leaves no empty run folder"
+    assert not (tmp_path / "empty").exists(), "nor empty MNIST/raw folders"
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign"])
