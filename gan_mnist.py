@@ -44,10 +44,8 @@ from typing import IO, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
 from torch import Tensor, nn
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 try:  # advisory file locks; absent on Windows, where a second run on one folder is not detected
@@ -67,6 +65,19 @@ MNIST_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
+
+
+def _torchvision() -> Any:
+    """torchvision, imported on first use: its import pulls in torch._dynamo through its detection models
+    (about 3 s on a 2-core CPU), which --help, a resume refusal or a usage error should not wait for."""
+    import torchvision
+
+    return torchvision
+
+
+def save_grid(images: Tensor, f: IO[bytes], nrow: int) -> None:
+    """A PNG grid of images in [-1, 1]: -1 is black (0), +1 white (255), as MNIST's own digits."""
+    _torchvision().utils.save_image(images, f, format="png", nrow=nrow, normalize=True, value_range=(-1, 1))
 
 
 class GanError(Exception):
@@ -264,7 +275,7 @@ def load_mnist(data_dir: str | Path, train: bool = True) -> tuple[Tensor, Tensor
         new_folders = [d for d in (raw, raw.parent, root) if not d.exists()]
         try:  # torchvision prints each failed mirror; the one line below says it all
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                torchvision.datasets.MNIST(root, train=train, download=True)
+                _torchvision().datasets.MNIST(root, train=train, download=True)
         except Exception as exc:
             for folder in new_folders:  # a failed download leaves no empty folders behind
                 with contextlib.suppress(OSError):
@@ -276,13 +287,13 @@ def load_mnist(data_dir: str | Path, train: bool = True) -> tuple[Tensor, Tensor
                 "https://ossci-datasets.s3.amazonaws.com/mnist/, or pass --data-dir DIR where DIR/MNIST/raw holds them"
             ) from exc
     try:
-        dataset = torchvision.datasets.MNIST(root, train=train, download=False)
+        dataset = _torchvision().datasets.MNIST(root, train=train, download=False)
         images, labels = dataset.data, dataset.targets
     except Exception as exc:
         prefix = "train" if train else "t10k"
         for name in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
             try:
-                torchvision.datasets.mnist.read_sn3_pascalvincent_tensor(str(raw / name))
+                _torchvision().datasets.mnist.read_sn3_pascalvincent_tensor(str(raw / name))
             except Exception:
                 raise GanError(f"corrupt MNIST file {raw / name}: truncated or not an IDX file") from exc
         raise GanError(f"cannot read MNIST in {raw}: {exc}") from exc
@@ -1643,7 +1654,7 @@ def save_samples(G: Generator, noise: Tensor, labels: Tensor | None, path: Path)
     images = G(noise, labels)
     G.train(was_training)
     nrow = 10 if labels is not None else 8
-    atomic_write(path, lambda f: save_image(images, f, format="png", nrow=nrow, normalize=True, value_range=(-1, 1)))
+    atomic_write(path, lambda f: save_grid(images, f, nrow))
 
 
 def prune_samples(samples_dir: Path, after_epoch: int) -> None:
@@ -1778,7 +1789,7 @@ def generate(args: argparse.Namespace) -> Result:
         atomic_write(out, write_npy)
     else:
         images = draw(0, num)
-        atomic_write(out, lambda f: save_image(images, f, format="png", nrow=nrow, normalize=True, value_range=(-1, 1)))
+        atomic_write(out, lambda f: save_grid(images, f, nrow))
     print(f"wrote {num} digits to {out}")
     return Result(0, out.parent)
 
