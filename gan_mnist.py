@@ -80,6 +80,14 @@ def save_grid(images: Tensor, f: IO[bytes], nrow: int) -> None:
     _torchvision().utils.save_image(images, f, format="png", nrow=nrow, normalize=True, value_range=(-1, 1))
 
 
+def grid_image(images: Tensor, nrow: int, scale: int = 1) -> Image.Image:
+    """A grid as a PIL image, each digit scaled up K times by nearest neighbour (no blur)."""
+    if scale > 1:
+        images = F.interpolate(images.float(), scale_factor=scale, mode="nearest")
+    grid = _torchvision().utils.make_grid(images, nrow=nrow, normalize=True, value_range=(-1, 1), padding=2 * scale)
+    return Image.fromarray(grid.mul(255).round().clamp(0, 255).byte()[0].numpy(), mode="L")
+
+
 class GanError(Exception):
     """A problem the user can fix: reported as one line on stderr with a non-zero exit, no traceback."""
 
@@ -149,6 +157,9 @@ class Config:
     resume: str = _f(
         "", "continue the run saved in this checkpoint (e.g. outputs/run/checkpoints/last.pt)", metavar="PATH"
     )
+    tensorboard: bool = _f(
+        True, "write TensorBoard event files to <run>/tensorboard (tensorboard --logdir outputs); --no-tensorboard: off"
+    )
     quiet: bool = _f(False, "no progress bar; print only the per-epoch summaries")
     debug: bool = _f(False, "show the full traceback of an error")
 
@@ -214,8 +225,9 @@ def build_train_parser() -> argparse.ArgumentParser:
             help_text += f" (default: {f.default!r})"
         # SUPPRESS keeps flags the user did not type out of the namespace, which is how --resume knows
         # which settings to take from the command line and which from the checkpoint.
-        if f.type in ("bool", bool):
-            parser.add_argument(_flag(f.name), action="store_true", default=argparse.SUPPRESS, help=help_text)
+        if f.type in ("bool", bool):  # a flag that is on by default also gets its --no- form
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            parser.add_argument(_flag(f.name), action=action, default=argparse.SUPPRESS, help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             if f.name == "device":
@@ -347,8 +359,12 @@ class Generator(nn.Module):
         self.net = nn.Sequential(*_mlp([in_dim, 256, 512, 1024, 784]), nn.Tanh())
 
     def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
-        if self.label_embedding is not None:
-            z = torch.cat([z, self.label_embedding(labels)], dim=1)
+        return self.decode(z, None if self.label_embedding is None else self.label_embedding(labels))
+
+    def decode(self, z: Tensor, label_vectors: Tensor | None = None) -> Tensor:
+        """From z and (conditional) label embedding vectors: what `interpolate` walks between digits with."""
+        if label_vectors is not None:
+            z = torch.cat([z, label_vectors], dim=1)
         return self.net(z).view(-1, *IMAGE_SHAPE)
 
 
@@ -674,6 +690,8 @@ RUN_OUTPUTS = (
     "generator_best.pt",
     "samples",
     "checkpoints",
+    "tensorboard",
+    "summary.html",
 )
 
 
@@ -869,6 +887,7 @@ class Run:
     step_fn: Callable[[Tensor, Tensor | None, bool], None]
     test_images: Tensor | None = None  # read at the start when the run evaluates: a bad file fails at once
     evaluator: Evaluator | None = None
+    tb: Any = None  # torch.utils.tensorboard.SummaryWriter, with --tensorboard
     last_plot: float = field(default_factory=time.monotonic)
     last_gif: float = field(default_factory=time.monotonic)
 
@@ -890,7 +909,7 @@ def _train_locked(cfg: Config, run_dir: Path, device: torch.device, checkpoint: 
             record_epoch(run, epoch)
             final = epoch == cfg.epochs
             if epoch % cfg.sample_every == 0 or final:
-                save_samples(run.nets.sampler(), *run.state["fixed"], run.dir / "samples" / f"epoch_{epoch:04d}.png")
+                sample_epoch(run, epoch)
             due = cfg.eval_every >= 0 and (final or cfg.eval_every and epoch % cfg.eval_every == 0)
             if due and not stop.signum:  # after a signal, save and stop: no new work
                 evaluate_epoch(run, epoch)
@@ -1001,6 +1020,8 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict
         print(
             f"resumed from {cfg.resume} at epoch {state['epoch']}" + (f" step {state['step']}" if state["step"] else "")
         )
+    if cfg.tensorboard:
+        open_tensorboard(run)
     return run
 
 
@@ -1053,6 +1074,15 @@ def record_epoch(run: Run, epoch: int) -> None:
     check_finite(means, epoch, run.cfg, run.ckpt_dir)
     row = dict(zip(LOSS_COLUMNS, [epoch, *means, state["epoch_seconds"]]))
     state["history"].append(row)
+    if run.tb is not None:
+        for key, tag in (
+            ("d_loss", "loss/D"),
+            ("g_loss", "loss/G"),
+            ("d_x", "D_output/real"),
+            ("d_g_z", "D_output/fake"),
+        ):
+            run.tb.add_scalar(tag, row[key], epoch)
+        run.tb.add_scalar("speed/seconds_per_epoch", row["seconds"], epoch)
     print(
         f"epoch {epoch:>4}/{run.cfg.epochs}  d_loss {means[0]:.4f}  g_loss {means[1]:.4f}  "
         f"D(x) {means[2]:.3f}  D(G(z)) {means[3]:.3f}  {state['epoch_seconds']:.1f}s "
@@ -1064,12 +1094,46 @@ def record_epoch(run: Run, epoch: int) -> None:
     state["epoch_stats"] = torch.zeros(4)
 
 
+def sample_epoch(run: Run, epoch: int) -> None:
+    """The fixed-noise grid of this epoch, to samples/ and TensorBoard."""
+    images = save_samples(run.nets.sampler(), *run.state["fixed"], run.dir / "samples" / f"epoch_{epoch:04d}.png")
+    if run.tb is not None:
+        grid = _torchvision().utils.make_grid(
+            images, nrow=10 if run.cfg.conditional else 8, normalize=True, value_range=(-1, 1)
+        )
+        run.tb.add_image("samples/fixed_noise", grid, epoch)
+
+
+def open_tensorboard(run: Run) -> None:
+    """Event files in <run>/tensorboard. A resume purges events of the epochs it redoes (purge_step), so the
+    view carries on without duplicate steps; a new run also records its config as hyperparameters."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+    except ImportError:
+        raise GanError(
+            "TensorBoard logging needs the tensorboard package: pip install tensorboard "
+            "(or train with --no-tensorboard)"
+        ) from None
+    epoch = run.state["epoch"]
+    run.tb = SummaryWriter(str(run.dir / "tensorboard"), purge_step=epoch + 1 if epoch else None)
+    if epoch == 0 and run.state["step"] == 0:
+        config = {k: v for k, v in dataclasses.asdict(run.cfg).items() if not k.endswith("dir") and k != "resume"}
+        for summary in hparams(config, {"metrics/fid": 0.0, "metrics/inception_score": 0.0}):
+            run.tb.file_writer.add_summary(summary)
+        run.tb.add_text("config", "```\n" + json.dumps(dataclasses.asdict(run.cfg), indent=2) + "\n```", 0)
+
+
 def evaluate_epoch(run: Run, epoch: int) -> None:
     """Scores the sampling generator; a new lowest FID is kept as generator_best.pt."""
     cfg = run.cfg
     if run.evaluator is None:
         run.evaluator = Evaluator(cfg.data_dir, cfg.judge, cfg.eval_num, cfg.quiet, run.train_images, run.test_images)
     fid = evaluate_during_training(cfg, run.dir, run.nets.sampler(), epoch, run.evaluator, run.state)
+    if run.tb is not None:
+        for key, value in run.state["metrics"][-1].items():
+            if key != "epoch" and value is not None:
+                run.tb.add_scalar(f"metrics/{key}", value, epoch)
     if run.state["best"] is None or fid < run.state["best"]["fid"]:
         run.state["best"] = {"epoch": epoch, "fid": fid}
         save_generator(run.dir / "generator_best.pt", run.nets, epoch, fid=fid)
@@ -1095,11 +1159,73 @@ def save_epoch_checkpoint(run: Run, epoch: int) -> None:
     save_generator(run.dir / "generator.pt", run.nets, epoch)
 
 
+def write_summary(run: Run, status: str) -> Path:
+    """summary.html in the run folder: one self-contained page (relative links only) with the config, the last
+    and best grids, the GIF, the curves, the metrics table and the commands that resume or sample the run."""
+    import html
+
+    state, cfg, esc = run.state, run.cfg, html.escape
+    grids = own_files(run.dir / "samples", "epoch_", ".png")
+    last = grids[-1][1].relative_to(run.dir).as_posix() if grids else None
+    best = state["best"]
+    best_grid = f"samples/epoch_{best['epoch']:04d}.png" if best else None
+    figure = '<figure><img src="{0}" alt="{1}"><figcaption>{1}</figcaption></figure>'
+    pictures = [
+        (last, f"fixed-noise samples, epoch {state['epoch']} (last)"),
+        (best_grid, f"epoch {best['epoch']}, the best FID ({best['fid']:.2f}): generator_best.pt" if best else ""),
+        ("progress.gif", "every epoch's grid, same noise"),
+        ("losses.png", "losses and mean D outputs"),
+        ("metrics.png", "FID and Inception Score"),
+    ]
+    figures = "".join(figure.format(esc(src), esc(cap)) for src, cap in pictures if src and (run.dir / src).is_file())
+    columns = [c for c in METRIC_COLUMNS if state["metrics"] and c in state["metrics"][0]]
+    table = "".join("<tr>" + "".join(f"<td>{row[c]:.4g}</td>" for c in columns) + "</tr>" for row in state["metrics"])
+    ckpt = run.ckpt_dir / "last.pt"
+    commands = [
+        f"python gan_mnist.py --resume {ckpt} --epochs {cfg.epochs + 100}",
+        f"python gan_mnist.py generate --checkpoint {run.dir / ('generator_best.pt' if best else 'generator.pt')} "
+        "--out digits.png --scale 2",
+        f"python gan_mnist.py evaluate --checkpoint {run.dir / 'generator.pt'} --data-dir {cfg.data_dir}",
+        f"python gan_mnist.py interpolate --checkpoint {run.dir / 'generator.pt'} --out walk.gif",
+    ] + ([f"tensorboard --logdir {run.dir.parent}"] if cfg.tensorboard else [])
+    config = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in dataclasses.asdict(cfg).items())
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>gan_mnist run {esc(run.dir.name)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+figure{{display:inline-block;margin:0 1em 1em 0;vertical-align:top}} img{{image-rendering:pixelated;max-width:520px}}
+figure img[src$=".png"][src^="samples"],figure img[src$=".gif"]{{width:260px}}
+table{{border-collapse:collapse;margin-bottom:1em}} td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
+pre{{background:#f4f4f4;padding:.6em;overflow-x:auto}}</style></head><body>
+<h1>gan_mnist run <code>{esc(run.dir.name)}</code></h1>
+<p>{esc(status)}. Recipe <b>{esc(cfg.recipe)}</b>, seed {cfg.seed}, {state["epoch"]} of {cfg.epochs} epochs.
+{f"Best FID {best['fid']:.2f} at epoch {best['epoch']} (judge reference: MNIST test digits)." if best else ""}</p>
+{figures}
+<h2>Metrics</h2>
+<table><tr>{"".join(f"<th>{c}</th>" for c in columns)}</tr>{table}</table>
+<h2>Commands</h2>
+<pre>{esc(chr(10).join(commands))}</pre>
+<h2>Config</h2>
+<table>{config}</table>
+</body></html>
+"""
+    path = run.dir / "summary.html"
+    atomic_write(path, lambda f: f.write(page.encode()))
+    return path
+
+
 def finish_run(run: Run, interrupted: int) -> Result:
     """The last plot and GIF, and what to do next: resume after a signal, or where the results are."""
     state, ckpt = run.state, run.ckpt_dir / "last.pt"
     write_losses(run.dir, state["history"], plot=True)
     write_gif(run.dir)
+    if run.tb is not None:
+        run.tb.close()
+    done = (
+        f"finished {state['epoch']} epochs"
+        if state["epoch"] == run.cfg.epochs
+        else f"stopped at epoch {state['epoch']}"
+    )
+    summary = write_summary(run, done)
     if interrupted:
         name = signal.Signals(interrupted).name
         if state["epoch"] == run.cfg.epochs:  # the signal came after the last step (while writing outputs)
@@ -1121,6 +1247,7 @@ def finish_run(run: Run, interrupted: int) -> Result:
     if state["best"] is not None:
         best = state["best"]
         print(f"best: epoch {best['epoch']} (FID {best['fid']:.2f}) -> {run.dir / 'generator_best.pt'}", flush=True)
+    print(f"summary: {summary}", flush=True)
     return Result(0, run.dir, state["history"])
 
 
@@ -1367,6 +1494,61 @@ def sample_metrics(feats: np.ndarray, probs: np.ndarray, ref_feats: np.ndarray) 
     }
 
 
+def nearest(queries: Tensor, bank: Tensor, k: int = 1, chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """Euclidean distances from each query row to its k nearest bank rows, and their indices, by chunked matrix
+    products (|q|^2 + |b|^2 - 2 q.b): 10,000 x 60,000 digits in a few seconds and about 60 MB at a time."""
+    bank_sq = bank.square().sum(1)
+    dists, index = [], []
+    for q in queries.split(chunk):
+        d2 = (q.square().sum(1, keepdim=True) + bank_sq[None] - 2 * q @ bank.T).clamp_min_(0)
+        values, idx = d2.topk(k, dim=1, largest=False)
+        dists.append(values.sqrt())
+        index.append(idx)
+    return torch.cat(dists), torch.cat(index)
+
+
+def memorisation(evaluator: Evaluator, images: Tensor) -> dict[str, Any]:
+    """Does G copy its training digits? For each generated digit, the distance to its nearest training digit
+    (in pixels and in judge features), against the same for real test digits, which G never saw. A ratio near 1:
+    samples sit no closer to the training set than new real digits do; far below 1: copying. A near-copy is a
+    sample closer (in pixels) than 99% of test digits are to their nearest training digit: about 1% of samples
+    for a generator that does not copy."""
+    started = time.perf_counter()
+    train = to_model_range(evaluator.train_images).flatten(1)
+    test = to_model_range(evaluator.test_images[: len(images)]).flatten(1)
+    fake = images.float().flatten(1)
+    with compact_heap():
+        fake_px, fake_idx = nearest(fake, train)
+        test_px, _ = nearest(test, train)
+        train_feats = torch.from_numpy(judge_outputs(evaluator.judge, train.view(-1, *IMAGE_SHAPE))[0]).float()
+        fake_ft, _ = nearest(torch.from_numpy(judge_outputs(evaluator.judge, images)[0]).float(), train_feats)
+        test_ft, _ = nearest(torch.from_numpy(evaluator.test_feats[: len(images)]).float(), train_feats)
+    threshold = torch.quantile(test_px[:, 0], 0.01).item()
+    return {
+        "pixel_nearest_median": fake_px.median().item(),
+        "pixel_nearest_median_test": test_px.median().item(),
+        "pixel_ratio": fake_px.median().item() / test_px.median().item(),
+        "feature_nearest_median": fake_ft.median().item(),
+        "feature_nearest_median_test": test_ft.median().item(),
+        "feature_ratio": fake_ft.median().item() / test_ft.median().item(),
+        "near_copy_threshold": threshold,
+        "near_copy_share": (fake_px[:, 0] < threshold).float().mean().item(),
+        "num_samples": len(images),
+        "num_test": len(test),
+        "seconds": round(time.perf_counter() - started, 2),
+        "nearest_train_index": fake_idx[:, 0],  # for --nearest; dropped before saving
+    }
+
+
+def nearest_picture(path: Path, images: Tensor, train_images: Tensor, rows: int = 8, k: int = 5) -> None:
+    """Generated digits in the first column, their k nearest training digits (pixels) beside them."""
+    queries = images[:rows].float()
+    _, idx = nearest(queries.flatten(1), to_model_range(train_images).flatten(1), k=k)
+    neighbours = to_model_range(train_images[idx.flatten()]).view(len(queries), k, *IMAGE_SHAPE)
+    grid = torch.cat([queries[:, None], neighbours], dim=1).reshape(-1, *IMAGE_SHAPE)
+    atomic_write(path, lambda f: grid_image(grid, 1 + k, 2).save(f, "PNG"))
+
+
 class Evaluator:
     """Everything evaluation needs that does not depend on the generator, computed once: the judge, the
     test digits' features, and the real-data floor (training digits scored against test digits)."""
@@ -1383,6 +1565,7 @@ class Evaluator:
         self.num = num
         if train_images is None:
             train_images, _ = load_mnist(data_dir, train=True)
+        self.train_images = train_images
         path = Path(judge_path) if judge_path else default_judge_path(train_images)
         self.judge, self.judge_info = load_or_train_judge(path, data_dir, quiet, owned=not judge_path)
         with compact_heap():
@@ -1391,6 +1574,7 @@ class Evaluator:
     def _reference(self, data_dir: str | Path, train_images: Tensor, test_images: Tensor | None) -> None:
         if test_images is None:
             test_images, _ = load_mnist(data_dir, train=False)
+        self.test_images = test_images
         self.test_feats, _ = judge_outputs(self.judge, to_model_range(test_images))
         real = to_model_range(train_images[: self.num].cpu())
         self.floor = sample_metrics(*judge_outputs(self.judge, real), self.test_feats)
@@ -1398,6 +1582,10 @@ class Evaluator:
     @torch.no_grad()
     def __call__(self, G: nn.Module, seed: int = 0) -> dict[str, Any]:
         """Scores `num` digits drawn from G (for a conditional G, an equal share of each digit)."""
+        return self.score(*self.sample(G, seed))
+
+    @torch.no_grad()
+    def sample(self, G: nn.Module, seed: int = 0) -> tuple[Tensor, Tensor | None]:
         device = next(G.parameters()).device
         noise_rng = torch.Generator().manual_seed(seed)  # its own stream: never shifts a training run's noise
         z = torch.randn(self.num, G.latent_dim, generator=noise_rng)
@@ -1407,7 +1595,7 @@ class Evaluator:
         chunks = zip(z.split(EVAL_CHUNK), (labels if labels is not None else z).split(EVAL_CHUNK))
         images = torch.cat([G(zc.to(device), None if labels is None else lc.to(device)).cpu() for zc, lc in chunks])
         G.train(was_training)
-        return self.score(images, labels)
+        return images, labels
 
     def score(self, images: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
         """Metrics of any images in [-1, 1] against the test digits; per-digit accuracy if labels are given."""
@@ -1647,7 +1835,7 @@ def load_generator(path: str | Path, device: torch.device, raw: bool = False) ->
 
 
 @torch.no_grad()
-def save_samples(G: Generator, noise: Tensor, labels: Tensor | None, path: Path) -> None:
+def save_samples(G: Generator, noise: Tensor, labels: Tensor | None, path: Path) -> Tensor:
     """A grid of G's images for fixed noise, in eval mode: 8 x 8, or one row per digit if conditional."""
     was_training = G.training
     G.eval()
@@ -1655,6 +1843,7 @@ def save_samples(G: Generator, noise: Tensor, labels: Tensor | None, path: Path)
     G.train(was_training)
     nrow = 10 if labels is not None else 8
     atomic_write(path, lambda f: save_grid(images, f, nrow))
+    return images
 
 
 def prune_samples(samples_dir: Path, after_epoch: int) -> None:
@@ -1708,6 +1897,7 @@ def write_losses(run_dir: Path, history: list[dict[str, float]], plot: bool) -> 
 
 def plot_curves(path: Path, rows: list[dict[str, Any]], panels: list[tuple[str, list[tuple[str, str]]]]) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
@@ -1718,6 +1908,7 @@ def plot_curves(path: Path, rows: list[dict[str, Any]], panels: list[tuple[str, 
         for key, label in series:
             ax.plot(epochs, [r[key] for r in rows], marker="o" if len(rows) < 30 else None, ms=3, label=label)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -1737,10 +1928,16 @@ GENERATE_CHUNK = 10_000
 def build_generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gan_mnist.py generate", description="Draw digits from a trained generator.")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="generator.pt or a checkpoint .pt")
-    p.add_argument("--out", required=True, metavar="FILE", help="FILE.png: a grid image; FILE.npy: uint8 N x 28 x 28")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="FILE.png: a grid image; FILE.npy: uint8 N x 28 x 28; DIR/: one digit_NNNNN.png per digit",
+    )
     p.add_argument("--num", type=int, default=64, help="how many digits (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--digit", default=None, help="conditional models: 0-9, or 'all' for one row per digit")
+    p.add_argument("--scale", type=int, default=1, help="enlarge each digit K times, nearest neighbour (default: 1)")
     p.add_argument("--device", type=_device_arg, default="auto", help="default: auto")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return p
@@ -1748,8 +1945,9 @@ def build_generate_parser() -> argparse.ArgumentParser:
 
 def generate(args: argparse.Namespace) -> Result:
     out = Path(args.out)
-    if out.suffix.lower() not in (".png", ".npy"):
-        raise GanError(f"--out {out}: the file must end in .png or .npy")
+    to_folder = args.out.endswith(("/", os.sep)) or out.is_dir()  # one PNG file per digit
+    if not to_folder and out.suffix.lower() not in (".png", ".npy"):
+        raise GanError(f"--out {out}: the file must end in .png or .npy, or be a folder (ending in /)")
     device = resolve_device(args.device)
     torch.set_num_threads(auto_threads())
     G, _ = load_generator(args.checkpoint, device)
@@ -1775,10 +1973,15 @@ def generate(args: argparse.Namespace) -> Result:
         return G(z, None if labels is None else labels[start : start + count].to(device))
 
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        (out if to_folder else out.parent).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GanError(f"cannot create the folder of --out {out}: {exc.strerror or exc}") from exc
-    if out.suffix.lower() == ".npy":  # streamed in chunks: a million digits need no more memory than 10,000
+    if to_folder:
+        images = draw(0, num)
+        for i, image in enumerate(images):
+            name = f"digit_{i:05d}" + ("" if labels is None else f"_{int(labels[i])}") + ".png"
+            atomic_write(out / name, lambda f, image=image: grid_image(image[None], 1, args.scale).save(f, "PNG"))
+    elif out.suffix.lower() == ".npy":  # streamed in chunks: a million digits need no more memory than 10,000
 
         def write_npy(f: IO[bytes]) -> None:
             header = {"descr": "|u1", "fortran_order": False, "shape": (num, 28, 28)}
@@ -1789,8 +1992,8 @@ def generate(args: argparse.Namespace) -> Result:
         atomic_write(out, write_npy)
     else:
         images = draw(0, num)
-        atomic_write(out, lambda f: save_grid(images, f, nrow))
-    print(f"wrote {num} digits to {out}")
+        atomic_write(out, lambda f: grid_image(images, nrow, args.scale).save(f, "PNG"))
+    print(f"wrote {num} digits to {out}" + (f" (digit_00000.png ... digit_{num - 1:05d}*.png)" if to_folder else ""))
     return Result(0, out.parent)
 
 
@@ -1811,6 +2014,12 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--raw", action="store_true", help="score the raw generator of a checkpoint, not its EMA")
     p.add_argument("--json", action="store_true", help="print the full metrics as one JSON line")
+    p.add_argument(
+        "--nearest",
+        default="",
+        metavar="FILE.png",
+        help="picture: generated digits beside their nearest training digits",
+    )
     p.add_argument("--out", default="", metavar="FILE", help="metrics file (default: CHECKPOINT with .eval.json)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--device", type=_device_arg, default="auto", help="default: auto")
@@ -1822,7 +2031,14 @@ def evaluate_command(args: argparse.Namespace) -> Result:
     device = resolve_device(args.device)
     torch.set_num_threads(auto_threads())
     G, obj = load_generator(args.checkpoint, device, raw=args.raw)  # a bad checkpoint fails before any work
-    metrics = Evaluator(args.data_dir, args.judge, args.num)(G, seed=args.seed)
+    evaluator = Evaluator(args.data_dir, args.judge, args.num)
+    images, labels = evaluator.sample(G, seed=args.seed)
+    metrics = evaluator.score(images, labels)
+    copying = memorisation(evaluator, images)
+    copying.pop("nearest_train_index")
+    metrics["memorisation"] = copying
+    if args.nearest:
+        nearest_picture(Path(args.nearest), images, evaluator.train_images)
     ema = obj["ema"] if obj["format"] == GENERATOR_FORMAT else obj.get("ema") is not None and not args.raw
     metrics = {
         "checkpoint": str(args.checkpoint),
@@ -1849,16 +2065,155 @@ def evaluate_command(args: argparse.Namespace) -> Result:
                 else ""
             )
         )
-        print(f"wrote all metrics to {out}")
+        print(
+            f"memorisation: nearest training digit {copying['pixel_nearest_median']:.2f} px-distance (median) for "
+            f"samples vs {copying['pixel_nearest_median_test']:.2f} for unseen test digits (ratio "
+            f"{copying['pixel_ratio']:.2f}; judge features {copying['feature_ratio']:.2f}); near-copies "
+            f"{copying['near_copy_share']:.1%} (test digits: 1% by construction)"
+        )
+        print(f"wrote all metrics to {out}" + (f", nearest training digits to {args.nearest}" if args.nearest else ""))
     return Result(0, out.parent, metrics=metrics)
+
+
+def build_interpolate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gan_mnist.py interpolate",
+        description="Walk smoothly through the generator's noise space (spherical interpolation between seeded "
+        "random points): an animated GIF of several walks side by side, or a PNG with one walk per row. For a "
+        "conditional generator, --digits morphs through digits with the noise held fixed.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="generator.pt or a checkpoint .pt")
+    p.add_argument("--out", required=True, metavar="FILE", help="walk.gif (animated) or walk.png (one walk per row)")
+    p.add_argument("--paths", type=int, default=8, help="walks side by side / rows (default: 8)")
+    p.add_argument("--points", type=int, default=0, help="random points each walk passes (default: 4 GIF, 2 PNG)")
+    p.add_argument("--frames", type=int, default=0, help="GIF frames / PNG columns (default: 48 GIF, 10 PNG)")
+    p.add_argument("--digits", default=None, help="conditional models: digits to morph through, e.g. 0123456789")
+    p.add_argument("--scale", type=int, default=0, help="enlarge each digit K times (default: 2 GIF, 1 PNG)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random points (default: 0)")
+    p.add_argument("--device", type=_device_arg, default="auto", help="default: auto")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return p
+
+
+def slerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+    """Spherical interpolation between rows of a and b at fractions t (T): T x N x d. Gaussian z of this size
+    lie near a sphere, so a straight line between two would pass through unlikely, low-norm noise."""
+    cos = F.cosine_similarity(a, b, dim=-1).clamp(-1, 1)
+    omega = torch.acos(cos)[None, :, None]
+    t = t[:, None, None]
+    sin = torch.sin(omega).clamp_min(1e-6)
+    return torch.sin((1 - t) * omega) / sin * a + torch.sin(t * omega) / sin * b
+
+
+def walk_fractions(points: int, frames: int, loop: bool) -> tuple[Tensor, Tensor]:
+    """For each frame: which segment of the walk it is on, and how far along it (0 to 1)."""
+    segments = points if loop else points - 1
+    position = torch.linspace(0, segments, frames + (1 if loop else 0))[: frames if loop else None]
+    segment = position.floor().long().clamp(max=segments - 1)
+    return segment, position - segment
+
+
+@torch.no_grad()
+def interpolate(args: argparse.Namespace) -> Result:
+    gif = Path(args.out).suffix.lower() == ".gif"
+    per_digit = 12 if gif else 3  # frames from one digit to the next with --digits
+    default_frames = (len(args.digits) - (0 if gif else 1)) * per_digit + (0 if gif else 1) if args.digits else 0
+    frames = args.frames or default_frames or (48 if gif else 10)
+    points = args.points or (4 if gif else 2)
+    scale = args.scale or (2 if gif else 1)
+    device = resolve_device(args.device)
+    torch.set_num_threads(auto_threads())
+    G, _ = load_generator(args.checkpoint, device)
+    if args.digits and not G.num_classes:
+        raise GanError(f"--digits needs a conditional generator; {args.checkpoint} is unconditional")
+    rng = torch.Generator().manual_seed(args.seed)
+    if args.digits:  # z held fixed per walk; the label embedding moves from digit to digit
+        z = torch.randn(args.paths, G.latent_dim, generator=rng).to(device)
+        waypoints = G.label_embedding(torch.tensor([int(d) for d in args.digits], device=device))
+        segment, t = walk_fractions(len(args.digits), frames, loop=gif)
+        vectors = torch.lerp(waypoints[segment], waypoints[(segment + 1) % len(waypoints)], t[:, None].to(device))
+        images = torch.stack([G.decode(z, v.expand(args.paths, -1)) for v in vectors])
+    else:
+        waypoints = torch.randn(points, args.paths, G.latent_dim, generator=rng).to(device)
+        segment, t = walk_fractions(points, frames, loop=gif)
+        t = t.to(device)
+        z = torch.stack(
+            [slerp(waypoints[s], waypoints[(s + 1) % points], t[i : i + 1])[0] for i, s in enumerate(segment)]
+        )
+        labels = (torch.arange(args.paths, device=device) % NUM_CLASSES) if G.num_classes else None
+        images = torch.stack([G(zf, labels) for zf in z])  # frames x paths x 1 x 28 x 28
+    try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GanError(f"cannot create the folder of --out {args.out}: {exc.strerror or exc}") from exc
+    if gif:
+        nrow = math.ceil(math.sqrt(args.paths))
+        pictures = [grid_image(frame, nrow, scale).convert("P") for frame in images]
+        atomic_write(
+            Path(args.out),
+            lambda f: pictures[0].save(f, format="GIF", save_all=True, append_images=pictures[1:], duration=80, loop=0),
+        )
+    else:  # one walk per row
+        rows = images.transpose(0, 1).reshape(-1, *IMAGE_SHAPE)
+        atomic_write(Path(args.out), lambda f: grid_image(rows, frames, scale).save(f, "PNG"))
+    print(f"wrote {args.paths} walks of {frames} frames to {args.out}")
+    return Result(0, Path(args.out).parent)
+
+
+def generate_problem(args: argparse.Namespace) -> str | None:
+    limit = MAX_NPY if args.out.lower().endswith(".npy") else MAX_GRID
+    if not 1 <= args.scale <= 32:
+        return "--scale must be 1 to 32"
+    if not 0 < args.num <= limit:
+        return f"--num must be 1 to {limit} for a {Path(args.out).suffix or 'grid'} file"
+    return None if 0 <= args.seed <= MAX_SEED else f"--seed must be in 0..{MAX_SEED}"
+
+
+def evaluate_problem(args: argparse.Namespace) -> str | None:
+    if not 10 <= args.num <= MAX_EVAL_NUM:  # as --eval-num: FID and the k-NN radii need a sample
+        return f"--num must be 10 to {MAX_EVAL_NUM}"
+    if args.nearest and not args.nearest.lower().endswith(".png"):
+        return "--nearest must name a .png file"
+    return None if 0 <= args.seed <= MAX_SEED else f"--seed must be in 0..{MAX_SEED}"
+
+
+def interpolate_problem(args: argparse.Namespace) -> str | None:
+    rules = [
+        (Path(args.out).suffix.lower() in (".gif", ".png"), "--out must end in .gif or .png"),
+        (1 <= args.paths <= 100, "--paths must be 1 to 100"),
+        (args.frames == 0 or 2 <= args.frames <= 1000, "--frames must be 2 to 1000"),
+        (args.points == 0 or 2 <= args.points <= 100, "--points must be 2 to 100"),
+        (0 <= args.scale <= 32, "--scale must be 1 to 32"),
+        (0 <= args.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED}"),
+        (
+            args.digits is None or (len(args.digits) >= 2 and set(args.digits) <= set("0123456789")),
+            "--digits must be two or more of 0-9, e.g. 0123456789",
+        ),
+    ]
+    return next((message for ok, message in rules if not ok), None)
+
+
+# Each command besides training: its parser, what is wrong with its arguments, and what runs it.
+COMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser], Callable, Callable[[argparse.Namespace], Result]]] = {
+    "generate": (build_generate_parser, generate_problem, generate),
+    "evaluate": (build_evaluate_parser, evaluate_problem, evaluate_command),
+    "interpolate": (build_interpolate_parser, interpolate_problem, interpolate),
+}
 
 
 def main(argv: list[str] | None = None) -> Result:
     """Entry point: `main(["--epochs", "2"])` trains, `main(["generate", ...])` samples. Returns a Result;
     usage errors raise SystemExit(2) as argparse does."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv and argv[0] in ("generate", "evaluate") else "train"
-    if command == "train":
+    if argv and argv[0] in COMMANDS:
+        build, problem_of, command = COMMANDS[argv[0]]
+        parser = build()
+        args = parser.parse_args(argv[1:])
+        problem = problem_of(args)
+        if problem:
+            parser.error(problem)
+        run, debug = (lambda: command(args)), args.debug
+    else:
         parser = build_train_parser()
         namespace = vars(parser.parse_args(argv))
         recipe = namespace.get("recipe", Config.recipe)
@@ -1870,21 +2225,6 @@ def main(argv: list[str] | None = None) -> Result:
             parser.error(problem)
         run: Callable[[], Result] = lambda: train(cfg, set(namespace))  # noqa: E731
         debug = cfg.debug
-    elif command == "generate":
-        args = build_generate_parser().parse_args(argv[1:])
-        limit = MAX_NPY if args.out.lower().endswith(".npy") else MAX_GRID
-        if not 0 < args.num <= limit:
-            build_generate_parser().error(f"--num must be 1 to {limit} for a {Path(args.out).suffix or 'grid'} file")
-        if not 0 <= args.seed <= MAX_SEED:
-            build_generate_parser().error(f"--seed must be in 0..{MAX_SEED}")
-        run, debug = (lambda: generate(args)), args.debug
-    else:
-        args = build_evaluate_parser().parse_args(argv[1:])
-        if not 10 <= args.num <= MAX_EVAL_NUM:  # as --eval-num: FID and the k-NN radii need a sample
-            build_evaluate_parser().error(f"--num must be 10 to {MAX_EVAL_NUM}")
-        if not 0 <= args.seed <= MAX_SEED:
-            build_evaluate_parser().error(f"--seed must be in 0..{MAX_SEED}")
-        run, debug = (lambda: evaluate_command(args)), args.debug
     try:
         return run()
     except GanError as exc:

@@ -18,7 +18,7 @@ import gan_mnist  # noqa: E402
 TEST_DATA = Path(__file__).resolve().parent / "data"
 
 # Small, fast and deterministic: 8 steps of 64 per epoch, one thread, no judge network.
-FAST = ["--batch-size", "64", "--threads", "1", "--eval-every", "-1", "--quiet"]
+FAST = ["--batch-size", "64", "--threads", "1", "--eval-every", "-1", "--no-tensorboard", "--quiet"]
 
 
 @pytest.fixture(scope="session", autouse=True)
