@@ -123,7 +123,7 @@ class Config:
     )
     r1_gamma: float = _f(1.0, "weight of the R1 penalty on D's gradient at real digits (0 = off)")
     r1_every: int = _f(8, "apply the R1 penalty every N D steps, its weight scaled by N (lazy R1)", metavar="N")
-    lr_decay: str = _f("none", "learning-rate schedule over the run's --epochs: none, or linear (to 0)")
+    lr_decay: str = _f("linear", "learning-rate schedule over the run's --epochs: linear (to 0), or none")
     d_lr: float = _f(0.0, "D's Adam learning rate, if not --lr (two time-scale update rule, TTUR)")
     d_dropout: float = _f(0.0, "dropout probability after each of D's hidden activations")
     spectral_norm: bool = _f(False, "spectral normalisation of each of D's linear layers")

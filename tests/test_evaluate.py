@@ -101,7 +101,8 @@ def test_evaluate_command_prints_json_and_writes_metrics(train, data_dir: Path, 
     out = capsys.readouterr().out.strip().splitlines()
     saved = json.loads((tmp_path / "run" / "generator.eval.json").read_text())
     # A short summary for people, the file named; the run's own training record is left alone.
-    assert len(out) == 2 and f"FID {saved['fid']:.2f}" in out[0] and out[1].endswith("generator.eval.json")
+    assert len(out) == 3 and f"FID {saved['fid']:.2f}" in out[0] and out[2].endswith("generator.eval.json")
+    assert out[1].startswith("memorisation: ") and "memorisation" in saved
     assert (tmp_path / "run" / "metrics.json").read_bytes() == run_metrics
     assert json.loads(json.dumps(result.metrics)) == saved
     again = gan_mnist.main([*args, "--json"])

@@ -149,7 +149,7 @@ def test_schedules_follow_their_formulas() -> None:
     assert nets.top_k_share.item() == pytest.approx(0.99)
     gan_mnist.set_schedule(nets, cfg, 200)
     assert nets.top_k_share.item() == pytest.approx(0.5)  # 0.99^199 < 0.5: held at the least share
-    nets, cfg = make_nets("--epochs", "10")
+    nets, cfg = make_nets("--epochs", "10", "--lr-decay", "none")
     gan_mnist.set_schedule(nets, cfg, 10)
     assert nets.opt_g.param_groups[0]["lr"] == 2e-4 and nets.noise_std is None and nets.top_k_share is None
 
