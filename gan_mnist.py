@@ -927,37 +927,11 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict
     use_graph = cfg.cuda_graph and device.type == "cuda"
     if cfg.cuda_graph and not use_graph:
         print(f"note: --cuda-graph needs a CUDA device; training eagerly on {device}", file=sys.stderr)
-
-    all_images, labels = load_mnist(cfg.data_dir, train=True)
-    images = all_images
-    if cfg.subset:
-        if cfg.subset > len(images):
-            raise GanError(f"--subset {cfg.subset} is more than the {len(images)} training images")
-        images, labels = images[: cfg.subset], labels[: cfg.subset]
-
-    test_images = None
-    if cfg.eval_every >= 0:  # every file the run will need is checked before the first step, not after it
-        test_images, _ = load_mnist(cfg.data_dir, train=False)
-        if cfg.judge:
-            check_judge_path(Path(cfg.judge))
+    all_images, images, labels, test_images = read_run_data(cfg)
 
     nets = build_nets(cfg, device, capturable=use_graph)
     data_rng = torch.Generator().manual_seed(cfg.seed)
-    fixed_noise, fixed_labels = fixed_inputs(cfg)
-    state: dict[str, Any] = {
-        "epoch": 0,
-        "step": 0,
-        "history": [],
-        "metrics": [],
-        "epoch_steps": 0,
-        "epoch_seconds": 0.0,
-        "epoch_stats": torch.zeros(4),
-        "fixed_noise": fixed_noise,
-        "fixed_labels": fixed_labels,
-        "best": None,  # {"epoch", "fid"} of the lowest-FID evaluation so far: generator_best.pt
-        "data_rng": data_rng.get_state(),
-        "invocations": [],  # what really ran, at the start and at each resume (config.json)
-    }
+    state = initial_state(cfg, data_rng)
     if checkpoint is not None:
         restore(nets, checkpoint, cfg, device, data_rng)
         state.update({key: checkpoint[key] for key in RUN_STATE if key in checkpoint})
@@ -966,22 +940,10 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict
         state["fixed_noise"].to(device),
         None if state["fixed_labels"] is None else state["fixed_labels"].to(device),
     )
+    state["invocations"] = [*state["invocations"], invocation(cfg, state, device, nets)]
     step_fn = CudaGraphStep(nets, cfg.batch_size, cfg.conditional, device) if use_graph else None
     # The training set stays uint8 on the device (47 MB instead of 188 MB as floats: what keeps a default CPU
     # run under 1 GiB); each gathered batch is brought to [-1, 1] in one vectorised op.
-    state["invocations"] = [
-        *state["invocations"],
-        {
-            "started": datetime.now().isoformat(timespec="seconds"),
-            "from_epoch": state["epoch"],
-            "epochs": cfg.epochs,
-            "device": str(device),
-            "threads": torch.get_num_threads(),
-            "precision": "bf16" if nets.bf16 else "tf32" if device.type == "cuda" else "fp32",
-            "torch": str(torch.__version__),
-            "resume": cfg.resume or None,
-        },
-    ]
     run = Run(
         cfg,
         run_dir,
@@ -995,25 +957,11 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict
         step_fn or functools.partial(train_step, nets),
         test_images=test_images,
     )
-
-    for folder in (run.ckpt_dir, run_dir / "samples"):
-        try:
-            folder.mkdir(exist_ok=True)
-        except OSError as exc:  # e.g. a file named `samples` in the run folder
-            raise GanError(f"cannot create the folder {folder}: {exc.strerror or exc}") from None
-        if not folder.is_dir():
-            raise GanError(f"{folder} is a file; gan_mnist needs a folder of that name in the run folder")
-    remove_stale_temporaries(run_dir)
-    write_json(run_dir / "config.json", {**dataclasses.asdict(cfg), "invocations": state["invocations"]})
-    if checkpoint is not None:  # history in the checkpoint is the truth: drop rows of epochs redone now
-        write_losses(run_dir, state["history"], plot=False)
-        prune_samples(run_dir / "samples", after_epoch=state["epoch"])
-        if state["metrics"]:
-            write_metrics_csv(run_dir, state["metrics"])
-    steps_per_epoch = math.ceil(len(run.data) / cfg.batch_size)
+    prepare_run_folder(run, resumed=checkpoint is not None)
     print(
         f"gan_mnist: training on {device} ({torch.get_num_threads()} CPU threads), {len(run.data)} images, "
-        f"{steps_per_epoch} steps/epoch, epochs {state['epoch'] + 1}..{cfg.epochs} -> {run_dir}",
+        f"{math.ceil(len(run.data) / cfg.batch_size)} steps/epoch, epochs {state['epoch'] + 1}..{cfg.epochs} "
+        f"-> {run_dir}",
         flush=True,
     )
     if checkpoint is not None:
@@ -1023,6 +971,76 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict
     if cfg.tensorboard:
         open_tensorboard(run)
     return run
+
+
+def read_run_data(cfg: Config) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """All training digits, the ones trained on (--subset) with their labels, and the test digits when the run
+    evaluates: every file the run will need is read before the first step, not found bad after the last."""
+    all_images, labels = load_mnist(cfg.data_dir, train=True)
+    images = all_images
+    if cfg.subset:
+        if cfg.subset > len(images):
+            raise GanError(f"--subset {cfg.subset} is more than the {len(images)} training images")
+        images, labels = images[: cfg.subset], labels[: cfg.subset]
+    test_images = None
+    if cfg.eval_every >= 0:
+        test_images, _ = load_mnist(cfg.data_dir, train=False)
+        if cfg.judge:
+            check_judge_path(Path(cfg.judge))
+    return all_images, images, labels, test_images
+
+
+def initial_state(cfg: Config, data_rng: torch.Generator) -> dict[str, Any]:
+    """The loop state of a new run (what RUN_STATE saves), before any step."""
+    fixed_noise, fixed_labels = fixed_inputs(cfg)
+    return {
+        "epoch": 0,
+        "step": 0,
+        "history": [],
+        "metrics": [],
+        "epoch_steps": 0,
+        "epoch_seconds": 0.0,
+        "epoch_stats": torch.zeros(4),
+        "fixed_noise": fixed_noise,
+        "fixed_labels": fixed_labels,
+        "best": None,  # {"epoch", "fid"} of the lowest-FID evaluation so far: generator_best.pt
+        "data_rng": data_rng.get_state(),
+        "invocations": [],  # what really ran, at the start and at each resume (config.json)
+    }
+
+
+def invocation(cfg: Config, state: dict[str, Any], device: torch.device, nets: Nets) -> dict[str, Any]:
+    """What this start or resume really runs with: the resolved device, threads and precision."""
+    return {
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "from_epoch": state["epoch"],
+        "epochs": cfg.epochs,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "precision": "bf16" if nets.bf16 else "tf32" if device.type == "cuda" else "fp32",
+        "torch": str(torch.__version__),
+        "resume": cfg.resume or None,
+    }
+
+
+def prepare_run_folder(run: Run, resumed: bool) -> None:
+    """Makes the sub-folders, removes a killed writer's temporaries, writes config.json; on a resume, cuts the
+    loss and metric files and the sample grids back to the checkpoint, which is the truth."""
+    for folder in (run.ckpt_dir, run.dir / "samples"):
+        try:
+            folder.mkdir(exist_ok=True)
+        except OSError as exc:  # e.g. a file named `samples` in the run folder
+            raise GanError(f"cannot create the folder {folder}: {exc.strerror or exc}") from None
+        if not folder.is_dir():
+            raise GanError(f"{folder} is a file; gan_mnist needs a folder of that name in the run folder")
+    remove_stale_temporaries(run.dir)
+    state = run.state
+    write_json(run.dir / "config.json", {**dataclasses.asdict(run.cfg), "invocations": state["invocations"]})
+    if resumed:
+        write_losses(run.dir, state["history"], plot=False)
+        prune_samples(run.dir / "samples", after_epoch=state["epoch"])
+        if state["metrics"]:
+            write_metrics_csv(run.dir, state["metrics"])
 
 
 def train_epoch(run: Run, epoch: int, stop: StopSignal) -> bool:
@@ -1652,7 +1670,7 @@ def evaluate_during_training(
         f"           FID {metrics['fid']:.2f} (real data {metrics['real_floor']['fid']:.2f})  "
         f"IS {metrics['inception_score']:.2f}  modes {metrics['modes_covered']}/10  "
         f"precision {metrics['precision']:.3f}  recall {metrics['recall']:.3f}{digits}  ({metrics['seconds']:.1f}s)"
-        + ("  [early FIDs of 50-300 are normal: watch the trend]" if epoch <= 10 and metrics["fid"] > 50 else ""),
+        + ("  [early FIDs in the hundreds are normal: watch the trend]" if epoch <= 10 and metrics["fid"] > 50 else ""),
         flush=True,
     )
     return metrics["fid"]

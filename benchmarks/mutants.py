@@ -70,21 +70,32 @@ MUTANTS: list[tuple[str, ...]] = [
     (
         "png-without-range-mapping",
         (
-            'format="png", nrow=nrow, normalize=True, value_range=(-1, 1))\n\n\nclass GanError',
+            "normalize=True, value_range=(-1, 1), padding=2 * scale)",
             'atomic_write(out, lambda f: save_image(images, f, format="png", nrow=nrow, normalize=True, '
             "value_range=(-1, 1)))",
         ),
+        ("padding=2 * scale)", 'atomic_write(out, lambda f: save_image(images, f, format="png", nrow=nrow))'),
+    ),
+    (
+        "grid-without-range-mapping",
         (
-            'format="png", nrow=nrow)\n\n\nclass GanError',
-            'atomic_write(out, lambda f: save_image(images, f, format="png", nrow=nrow))',
+            'format="png", nrow=nrow, normalize=True, value_range=(-1, 1))\n\n\ndef grid_image',
+            'save_image(images, f, format="png", nrow=nrow, normalize=True, value_range=(-1, 1)))\n\n\ndef prune',
+        ),
+        (
+            'format="png", nrow=nrow)\n\n\ndef grid_image',
+            'save_image(images, f, format="png", nrow=nrow))\n\n\ndef prune',
         ),
     ),
     ("epoch-order-not-shuffled", "torch.randperm(num_images, generator=generator)", "torch.arange(num_images)"),
     # -- conditioning
     (
         "g-ignores-label",
-        "z = torch.cat([z, self.label_embedding(labels)], dim=1)",
-        "z = torch.cat([z, self.label_embedding(torch.zeros_like(labels))], dim=1)",
+        ("self.label_embedding(labels))", "z = torch.cat([z, self.label_embedding(labels)], dim=1)"),
+        (
+            "self.label_embedding(torch.zeros_like(labels)))",
+            "z = torch.cat([z, self.label_embedding(torch.zeros_like(labels))], dim=1)",
+        ),
     ),
     (
         "d-projection-ignores-label",
@@ -167,7 +178,7 @@ MUTANTS: list[tuple[str, ...]] = [
     (
         "stale-grids-kept",
         (
-            '        prune_samples(run_dir / "samples", after_epoch=state["epoch"])\n',
+            '        prune_samples(run.dir / "samples", after_epoch=state["epoch"])\n',
             '        prune_samples(samples_dir, after_epoch=state["epoch"])\n',
         ),
         ("        pass\n", "        pass\n"),
