@@ -49,3 +49,16 @@ def train(data_dir: Path, tmp_path: Path):
 
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def _one_epoch_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("template") / "run"
+    assert gan_mnist.main(["--data-dir", str(data_dir), "--out-dir", str(out), *FAST, "--epochs", "1"]).exit_code == 0
+    return out
+
+
+@pytest.fixture()
+def one_epoch_run(_one_epoch_run: Path, tmp_path: Path) -> Path:
+    """tmp_path/run: a copy of a finished 1-epoch run (trained once per session), the test's own to damage."""
+    return Path(shutil.copytree(_one_epoch_run, tmp_path / "run"))

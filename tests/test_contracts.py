@@ -145,9 +145,8 @@ def test_a_trained_conditional_model_draws_the_digit_asked(train, tmp_path: Path
 
 
 @pytest.mark.parametrize("name", gan_mnist.RUN_DEFINING)
-def test_every_run_defining_flag_is_refused_at_resume(train, tmp_path: Path, name: str, capsys) -> None:
-    assert train("run", "--epochs", "1").exit_code == 0
-    last = tmp_path / "run" / "checkpoints" / "last.pt"
+def test_every_run_defining_flag_is_refused_at_resume(one_epoch_run: Path, name: str, capsys) -> None:
+    last = one_epoch_run / "checkpoints" / "last.pt"
     before = last.read_bytes()
     other = {
         "latent_dim": ["--latent-dim", "50"],

@@ -32,8 +32,7 @@ def usage_error(argv: list[str], capsys) -> str:
 
 
 @pytest.mark.parametrize("victim", ["last.pt", "notes.txt"])
-def test_evaluate_never_replaces_a_file_that_is_not_a_judge(train, tmp_path: Path, data_dir: Path, victim, capsys):
-    assert train("run", "--epochs", "1").exit_code == 0
+def test_evaluate_never_replaces_a_file_that_is_not_a_judge(train, one_epoch_run, tmp_path, data_dir, victim, capsys):
     path = tmp_path / "run" / "checkpoints" / "last.pt" if victim == "last.pt" else tmp_path / victim
     if victim == "notes.txt":
         path.write_text("my notes")
@@ -49,9 +48,8 @@ def test_evaluate_never_replaces_a_file_that_is_not_a_judge(train, tmp_path: Pat
 
 
 @pytest.mark.parametrize("leftover", ["generator.pt", "losses.csv", "samples", "config.json"])
-def test_new_run_never_writes_over_saved_results(train, tmp_path: Path, leftover: str, capsys) -> None:
-    assert train("run", "--epochs", "1").exit_code == 0
-    run = tmp_path / "run"
+def test_new_run_never_writes_over_saved_results(train, one_epoch_run, tmp_path: Path, leftover: str, capsys) -> None:
+    run = one_epoch_run
     shutil.rmtree(run / "checkpoints")  # a finished run whose checkpoints were deleted to save space
     for name in gan_mnist.RUN_OUTPUTS:
         if name != leftover and (run / name).exists():
@@ -172,8 +170,9 @@ def test_every_stop_signal_saves_and_exits_128_plus_its_number(data_dir: Path, t
 
 
 @pytest.mark.parametrize("where", ["generate", "evaluate"])
-def test_ctrl_c_outside_training_is_one_line_and_exit_130(train, tmp_path, data_dir, monkeypatch, capsys, where):
-    assert train("run", "--epochs", "1").exit_code == 0
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(
+    one_epoch_run, tmp_path, data_dir, monkeypatch, capsys, where
+):
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -230,8 +229,7 @@ def test_config_json_records_what_really_ran_at_every_invocation(train, tmp_path
 # -- bounded memory and one-line errors -------------------------------------------------------------------
 
 
-def test_npy_output_is_written_in_chunks(train, tmp_path: Path, monkeypatch) -> None:
-    assert train("run", "--epochs", "1").exit_code == 0
+def test_npy_output_is_written_in_chunks(one_epoch_run, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(gan_mnist, "GENERATE_CHUNK", 7)
     argv = ["generate", "--checkpoint", str(tmp_path / "run" / "generator.pt"), "--num", "20"]
     assert gan_mnist.main([*argv, "--out", str(tmp_path / "d.npy")]).exit_code == 0
@@ -285,9 +283,8 @@ def test_a_superscript_digit_is_one_line(tmp_path: Path, train, capsys) -> None:
         ("checkpoints/last.pt", "config", {"lr": "fast"}),
     ],
 )
-def test_files_with_the_right_tag_but_bad_fields_are_one_line(train, tmp_path, capsys, which, field, value) -> None:
-    assert train("run", "--epochs", "1").exit_code == 0
-    path = tmp_path / "run" / which
+def test_files_with_the_right_tag_but_bad_fields_are_one_line(one_epoch_run, tmp_path, capsys, which, field, value):
+    path = one_epoch_run / which
     obj = load(path)
     if value is None:
         del obj[field]
