@@ -1586,16 +1586,29 @@ class Evaluator:
         self.train_images = train_images
         path = Path(judge_path) if judge_path else default_judge_path(train_images)
         self.judge, self.judge_info = load_or_train_judge(path, data_dir, quiet, owned=not judge_path)
+        # The real-data floor depends only on the judge and `num`: cached beside a judge in gan_mnist's own
+        # cache (it takes longer than an evaluation: k-NN radii of 2 x 10,000 points), never beside --judge.
+        floor_cache = None if judge_path else path.with_name(f"{path.stem}.floor-{num}.json")
         with compact_heap():
-            self._reference(data_dir, train_images, test_images)
+            self._reference(data_dir, train_images, test_images, floor_cache)
 
-    def _reference(self, data_dir: str | Path, train_images: Tensor, test_images: Tensor | None) -> None:
+    def _reference(
+        self, data_dir: str | Path, train_images: Tensor, test_images: Tensor | None, floor_cache: Path | None
+    ) -> None:
         if test_images is None:
             test_images, _ = load_mnist(data_dir, train=False)
         self.test_images = test_images
         self.test_feats, _ = judge_outputs(self.judge, to_model_range(test_images))
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            cached = json.loads(floor_cache.read_text()) if floor_cache else {}
+            if cached.get("judge_sha256") == self.judge_info["sha256"]:
+                self.floor = cached["floor"]
+                return
         real = to_model_range(train_images[: self.num].cpu())
         self.floor = sample_metrics(*judge_outputs(self.judge, real), self.test_feats)
+        if floor_cache is not None:
+            with contextlib.suppress(GanError):  # an unwritable cache costs the computation next time, no more
+                write_json(floor_cache, {"judge_sha256": self.judge_info["sha256"], "floor": self.floor})
 
     @torch.no_grad()
     def __call__(self, G: nn.Module, seed: int = 0) -> dict[str, Any]:

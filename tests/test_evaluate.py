@@ -252,3 +252,17 @@ def test_evaluating_never_changes_the_training(train, tmp_path: Path) -> None:
         for name in ("off", "every", "half")
     }
     assert len(set(prints.values())) == 1, prints
+
+
+def test_real_data_floor_is_cached_beside_the_judge(data_dir: Path, monkeypatch) -> None:
+    first = gan_mnist.Evaluator(data_dir, "", num=128, quiet=True)
+    calls = []
+    real = gan_mnist.sample_metrics
+    monkeypatch.setattr(gan_mnist, "sample_metrics", lambda *a: calls.append(1) or real(*a))
+    second = gan_mnist.Evaluator(data_dir, "", num=128, quiet=True)
+    assert calls == [] and second.floor == json.loads(json.dumps(first.floor))
+    cache = gan_mnist.default_judge_path(first.train_images)
+    floor_file = cache.with_name(f"{cache.stem}.floor-128.json")
+    floor_file.write_text(json.dumps({"judge_sha256": "another judge", "floor": {"fid": -1}}))
+    third = gan_mnist.Evaluator(data_dir, "", num=128, quiet=True)
+    assert calls == [1] and third.floor["fid"] == pytest.approx(first.floor["fid"]), "a stale cache is recomputed"
