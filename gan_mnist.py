@@ -1147,14 +1147,13 @@ def evaluate_epoch(run: Run, epoch: int) -> None:
     cfg = run.cfg
     if run.evaluator is None:
         run.evaluator = Evaluator(cfg.data_dir, cfg.judge, cfg.eval_num, cfg.quiet, run.train_images, run.test_images)
-    fid = evaluate_during_training(cfg, run.dir, run.nets.sampler(), epoch, run.evaluator, run.state)
+    new_best = evaluate_during_training(cfg, run.dir, run.nets.sampler(), epoch, run.evaluator, run.state)
+    if new_best:
+        save_generator(run.dir / "generator_best.pt", run.nets, epoch, fid=run.state["best"]["fid"])
     if run.tb is not None:
         for key, value in run.state["metrics"][-1].items():
             if key != "epoch" and value is not None:
                 run.tb.add_scalar(f"metrics/{key}", value, epoch)
-    if run.state["best"] is None or fid < run.state["best"]["fid"]:
-        run.state["best"] = {"epoch": epoch, "fid": fid}
-        save_generator(run.dir / "generator_best.pt", run.nets, epoch, fid=fid)
 
 
 def write_logs(run: Run, final: bool) -> None:
@@ -1199,8 +1198,9 @@ def write_summary(run: Run, status: str) -> Path:
     columns = [c for c in METRIC_COLUMNS if state["metrics"] and c in state["metrics"][0]]
     table = "".join("<tr>" + "".join(f"<td>{row[c]:.4g}</td>" for c in columns) + "</tr>" for row in state["metrics"])
     ckpt = run.ckpt_dir / "last.pt"
+    more = cfg.epochs + 100 if state["epoch"] == cfg.epochs else cfg.epochs  # a stopped run first finishes
     commands = [
-        f"python gan_mnist.py --resume {ckpt} --epochs {cfg.epochs + 100}",
+        f"python gan_mnist.py --resume {ckpt} --epochs {more}",
         f"python gan_mnist.py generate --checkpoint {run.dir / ('generator_best.pt' if best else 'generator.pt')} "
         "--out digits.png --scale 2",
         f"python gan_mnist.py evaluate --checkpoint {run.dir / 'generator.pt'} --data-dir {cfg.data_dir}",
@@ -1655,9 +1655,10 @@ def write_metrics_csv(run_dir: Path, rows: list[dict[str, float]]) -> None:
 
 def evaluate_during_training(
     cfg: Config, run_dir: Path, G: Generator, epoch: int, evaluator: Evaluator, state: dict[str, Any]
-) -> float:
-    """Scores G now: appends a row to the run's metrics (kept in the checkpoint, like the loss history),
-    rewrites metrics.csv and metrics.png from them, writes the full metrics to metrics.json. Returns the FID."""
+) -> bool:
+    """Scores G now: appends a row to the run's metrics (kept in the checkpoint, like the loss history), keeps
+    the lowest FID as the run's best, rewrites metrics.csv and metrics.png, writes the full metrics to
+    metrics.json. True if this evaluation is the new best."""
     rows = state["metrics"]
     metrics = evaluator(G, seed=cfg.seed)
     row = {"epoch": epoch, **{c: metrics[c] for c in METRIC_COLUMNS[1:]}}
@@ -1668,12 +1669,9 @@ def evaluate_during_training(
         digits = f"  read as asked {min(accuracy):.2f}-{max(accuracy):.2f}"
     rows.append(row)
     write_metrics_csv(run_dir, rows)
-    best = (
-        state["best"]
-        if state["best"] and state["best"]["fid"] <= metrics["fid"]
-        else {"epoch": epoch, "fid": metrics["fid"]}
-    )
-    write_json(run_dir / "metrics.json", {"epoch": epoch, **metrics, "best": best})
+    if state["best"] is None or metrics["fid"] < state["best"]["fid"]:
+        state["best"] = {"epoch": epoch, "fid": metrics["fid"]}
+    write_json(run_dir / "metrics.json", {"epoch": epoch, **metrics, "best": state["best"]})
     panels = [
         ("FID on judge features (lower is better)", [("fid", "FID")]),
         ("score", [("inception_score", "Inception Score (max 10)")]),
@@ -1686,7 +1684,7 @@ def evaluate_during_training(
         + ("  [early FIDs in the hundreds are normal: watch the trend]" if epoch <= 10 and metrics["fid"] > 50 else ""),
         flush=True,
     )
-    return metrics["fid"]
+    return state["best"]["epoch"] == epoch
 
 
 # =========================================================================================== 6. outputs

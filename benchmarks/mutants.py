@@ -185,8 +185,8 @@ MUTANTS: list[tuple[str, ...]] = [
     ),
     (
         "best-keeps-highest-fid",
-        'if run.state["best"] is None or fid < run.state["best"]["fid"]:',
-        'if run.state["best"] is None or fid > run.state["best"]["fid"]:',
+        'if state["best"] is None or metrics["fid"] < state["best"]["fid"]:',
+        'if state["best"] is None or metrics["fid"] > state["best"]["fid"]:',
     ),
     ("best-not-carried-by-resume", '    "best",\n    "invocations",\n', '    "invocations",\n'),
     (

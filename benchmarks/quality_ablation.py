@@ -105,6 +105,8 @@ def main() -> None:
     lines.append("|---" * (3 + len(report) * len(COLUMNS)) + "|")
     for variant, seed in jobs:
         rows = metrics_rows(args.root / f"{variant}-s{seed}")
+        if not rows:
+            continue  # not trained (yet)
         results.setdefault(variant, {})[str(seed)] = {str(e): rows[e] for e in report if e in rows}
         cells = [f"{rows[e][key]:.3g}" if e in rows else "" for e in report for key, _ in COLUMNS]
         best = min(rows.values(), key=lambda r: r["fid"]) if rows else None

@@ -197,14 +197,10 @@ def test_full_mnist_judge_reaches_99_percent_and_separates_noise(tmp_path: Path)
 
 def test_best_generator_tracks_the_lowest_fid_and_survives_resume(train, tmp_path: Path, monkeypatch, capsys) -> None:
     fids = iter([50.0, 30.0, 40.0, 35.0, 20.0])  # scripted scores for epochs 1..5
-    real_evaluate = gan_mnist.evaluate_during_training
-
-    def scripted(cfg, run_dir, G, epoch, evaluator, state):
-        real_evaluate(cfg, run_dir, G, epoch, evaluator, state)  # the real outputs, with a scripted FID
-        state["metrics"][-1]["fid"] = fid = next(fids)
-        return fid
-
-    monkeypatch.setattr(gan_mnist, "evaluate_during_training", scripted)
+    real_call = gan_mnist.Evaluator.__call__
+    monkeypatch.setattr(
+        gan_mnist.Evaluator, "__call__", lambda self, G, seed=0: {**real_call(self, G, seed), "fid": next(fids)}
+    )
     run = tmp_path / "run"
     assert (
         train("run", "--epochs", "3", "--eval-every", "1", "--eval-num", "64", "--checkpoint-every", "1").exit_code == 0

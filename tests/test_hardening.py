@@ -148,7 +148,7 @@ sys.exit(gan_mnist.main(sys.argv[1:]).exit_code)
     "sig, target, epochs",
     [
         ("SIGINT", "record_epoch", "5"),  # twice in a row during training
-        ("SIGHUP", "record_epoch", "5"),
+        pytest.param("SIGHUP", "record_epoch", "5", marks=pytest.mark.slow),
         ("SIGTERM", "evaluate_during_training", "1"),  # during the end-of-run evaluation
     ],
 )
