@@ -75,12 +75,13 @@ def test_precision_and_recall_on_point_sets_with_known_answers() -> None:
 
 
 def constant_generator(path: Path, conditional: bool = False) -> None:
-    """A generator.pt whose every image is +1 (white) in the top half and -1 (black) in the bottom half."""
+    """A generator.pt whose every image is +1 (white) in rows 0-9, 0 (mid-grey) in rows 10-18 and -1 (black) in
+    rows 19-27: the three values pin the mapping [-1, 1] -> [0, 255] down (clamping alone gets +-1 right)."""
     G = gan_mnist.Generator(100, 10 if conditional else 0)
     last = G.net[-2]
     with torch.no_grad():
         last.weight.zero_()
-        last.bias.copy_(torch.cat([torch.full((392,), 50.0), torch.full((392,), -50.0)]))
+        last.bias.copy_(torch.cat([torch.full((280,), 50.0), torch.zeros(252), torch.full((252,), -50.0)]))
     gan_mnist.save_checkpoint(
         {
             "format": gan_mnist.GENERATOR_FORMAT,
@@ -106,7 +107,7 @@ def test_generated_pixels_map_minus_one_to_0_and_plus_one_to_255(tmp_path: Path,
     assert array.dtype == np.uint8 and array.shape == (1, 28, 28)
     png = np.asarray(Image.open(tmp_path / "one.png").convert("L"))
     for image in (array[0], png):
-        assert (image[:14] == 255).all() and (image[14:] == 0).all()
+        assert (image[:10] == 255).all() and (image[10:19] == 128).all() and (image[19:] == 0).all()
 
 
 def test_sample_grids_use_the_same_pixel_mapping(tmp_path: Path) -> None:
@@ -114,7 +115,7 @@ def test_sample_grids_use_the_same_pixel_mapping(tmp_path: Path) -> None:
     G, _ = gan_mnist.load_generator(tmp_path / "g.pt", torch.device("cpu"))
     gan_mnist.save_samples(G, torch.randn(1, 100), None, tmp_path / "grid.png")
     grid = np.asarray(Image.open(tmp_path / "grid.png").convert("L"))
-    assert (grid[:14] == 255).all() and (grid[14:] == 0).all()
+    assert (grid[:10] == 255).all() and (grid[10:19] == 128).all() and (grid[19:] == 0).all()
 
 
 # ------------------------------------------------------------------------------------------ conditioning
