@@ -151,17 +151,20 @@ MUTANTS: list[tuple[str, ...]] = [
         "torch.ones(batch, device=device)",
         "torch.full((batch,), self.real_target, device=device)",
     ),
+    ("ttur-ignored", "(nets.opt_d, cfg.d_lr or cfg.lr)", "(nets.opt_d, cfg.lr)"),
     (
-        "ttur-ignored",
+        "ttur-initial-lr-only",
         "make_adam(D.parameters(), cfg, cfg.d_lr or cfg.lr, capturable)",
         "make_adam(D.parameters(), cfg, cfg.lr, capturable)",
+        "set_schedule sets both learning rates before the first step of every epoch: the initial value is never used",
     ),
     ("top-k-keeps-lowest", "rank = g_logits.argsort(descending=True).argsort()", "rank = g_logits.argsort().argsort()"),
     (
         "fake-not-detached-for-d",
         ("d_in = noisy(torch.cat([real, fake.detach()])).requires_grad_(r1)", "D(torch.cat([real, fake.detach()])"),
         ("d_in = noisy(torch.cat([real, fake])).requires_grad_(r1)", "D(torch.cat([real, fake])"),
-        "G's gradients from D's step are cleared by opt_g.zero_grad before G's own backward: same weights, more work",
+        "in a95538e, G's gradients from D's step are cleared by opt_g.zero_grad before G's own backward: same "
+        "weights, more work (today it also breaks requires_grad_ on a non-leaf, so the suite kills it)",
     ),
     # -- checkpoints, resume, best model, tidy-up
     (
