@@ -1048,7 +1048,7 @@ def train_epoch(run: Run, epoch: int, stop: StopSignal) -> bool:
     the partial epoch is then saved to last.pt, so a resume continues from the very next step."""
     cfg, state, nets = run.cfg, run.state, run.nets
     set_schedule(nets, cfg, epoch)
-    epoch_rng = run.data_rng.get_state()
+    state["data_rng"] = run.data_rng.get_state()  # what a resume needs to redraw this epoch's order
     batches = epoch_batches(len(run.data), cfg.batch_size, run.data_rng)
     started = time.perf_counter() - state["epoch_seconds"]
     bar = tqdm(
@@ -1078,7 +1078,6 @@ def train_epoch(run: Run, epoch: int, stop: StopSignal) -> bool:
     state["epoch_seconds"] = time.perf_counter() - started
     if not stop.signum:
         return True
-    state["data_rng"] = epoch_rng  # a resume redraws this epoch's order, then skips the steps done
     check_finite((nets.stats / max(1, state["epoch_steps"])).tolist(), epoch, cfg, run.ckpt_dir)
     state["epoch_stats"] = nets.stats.detach().cpu()
     run.save_checkpoint(run.ckpt_dir / "last.pt")

@@ -175,8 +175,8 @@ MUTANTS: list[tuple[str, ...]] = [
     ("rng-not-restored", '    torch.set_rng_state(rng["torch"])\n', "    pass\n"),
     (
         "epoch-order-not-restored-mid-epoch",
-        ('    state["data_rng"] = epoch_rng  # a resume', '            state["data_rng"] = epoch_rng\n'),
-        ("    pass  # a resume", "            pass\n"),
+        ('    state["data_rng"] = run.data_rng.get_state()  # what', '            state["data_rng"] = epoch_rng\n'),
+        ("    pass  # what", "            pass\n"),
     ),
     (
         "stale-grids-kept",

@@ -125,6 +125,13 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(train, tmp_path: Path, mo
     saved = load(last)
     assert (saved["epoch"], saved["step"]) == (1, 4)
 
+    # Interrupted again two steps into the resumed epoch: the data order of epoch 2 must survive both.
+    calls["n"] = 10
+    monkeypatch.setattr(gan_mnist, "train_step", step_then_ctrl_c)
+    assert gan_mnist.main(["--resume", str(last), "--threads", "1", "--quiet"]).exit_code == 130
+    monkeypatch.undo()
+    assert (load(last)["epoch"], load(last)["step"]) == (1, 6)
+
     assert gan_mnist.main(["--resume", str(last), "--threads", "1", "--quiet"]).exit_code == 0
     a, b = load(tmp_path / "straight/checkpoints/last.pt"), load(last)
     assert b["epoch"] == 3
