@@ -322,3 +322,14 @@ def test_a_full_disk_at_the_lock_file_is_one_line(train, tmp_path: Path, monkeyp
     monkeypatch.setattr("builtins.open", full_disk_open)
     assert train("run", "--epochs", "1").exit_code == 1
     assert "No space left on device" in one_line_error(capsys.readouterr().err)
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_leaves_no_folder(data_dir, tmp_path, monkeypatch, capsys) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gan_mnist, "build_nets", interrupted)  # after the data is read, before the first step
+    argv = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path / "run"), *FAST, "--epochs", "1"]
+    assert gan_mnist.main(argv).exit_code == 130
+    assert capsys.readouterr().err == "gan_mnist: interrupted\n"
+    assert not (tmp_path / "run").exists()
