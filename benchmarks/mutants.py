@@ -208,7 +208,7 @@ MUTANTS: list[tuple[str, ...]] = [
     (
         "fixed-noise-unseeded",
         "gen = torch.Generator().manual_seed(cfg.seed)",
-        "gen = torch.Generator().manual_seed(cfg.seed + 1)",
+        "gen = torch.Generator()\n    gen.seed()",
     ),
 ]
 
