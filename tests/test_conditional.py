@@ -108,3 +108,22 @@ def test_per_digit_accuracy_counts_what_the_judge_reads(data_dir: Path) -> None:
     read_as = int(evaluator.judge(x[:1]).argmax())  # what the judge calls this one digit
     accuracy = evaluator(AlwaysThisDigit(x[0]))["digit_accuracy"]
     assert accuracy[read_as] == 1.0 and sum(accuracy) == 1.0
+
+
+def test_generate_draws_exactly_the_digit_asked(conditional_run: Path, tmp_path: Path) -> None:
+    """generate --digit K is G(z, K) for the seeded noise: not another label, not another noise."""
+    G, _ = gan_mnist.load_generator(conditional_run / "generator.pt", torch.device("cpu"))
+    argv = ["generate", "--checkpoint", str(conditional_run / "generator.pt"), "--seed", "5"]
+    for digit in (3, 7):
+        out = tmp_path / f"d{digit}.npy"
+        assert gan_mnist.main([*argv, "--digit", str(digit), "--num", "4", "--out", str(out)]).exit_code == 0
+        torch.manual_seed(5)
+        with torch.no_grad():
+            expected = gan_mnist.to_uint8(G(torch.randn(4, 100), torch.full((4,), digit))).squeeze(1).numpy()
+        assert np.array_equal(np.load(out), expected)
+    out = tmp_path / "all.npy"
+    assert gan_mnist.main([*argv, "--digit", "all", "--num", "20", "--out", str(out)]).exit_code == 0
+    torch.manual_seed(5)
+    with torch.no_grad():
+        expected = gan_mnist.to_uint8(G(torch.randn(20, 100), torch.arange(10).repeat_interleave(2))).squeeze(1)
+    assert np.array_equal(np.load(out), expected.numpy()), "two of each digit, in order"
