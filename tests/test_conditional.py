@@ -80,6 +80,7 @@ def test_conditional_resume_is_bit_identical(train, tmp_path: Path) -> None:
             assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
 
 
+@pytest.mark.slow  # per-digit accuracy is counted in the test below, and read as asked in test_contracts
 def test_evaluate_reports_per_digit_accuracy(conditional_run: Path, data_dir: Path) -> None:
     result = gan_mnist.main(
         ["evaluate", "--checkpoint", str(conditional_run / "generator.pt"), "--num", "200", "--data-dir", str(data_dir)]

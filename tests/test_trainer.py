@@ -140,6 +140,9 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(train, tmp_path: Path, mo
     assert [r["d_loss"] for r in a["history"]] == pytest.approx([r["d_loss"] for r in b["history"]], rel=1e-6)
 
 
+# Slow: test_hardening's stop-signal tests cover both signals in the default run (SIGINT twice, SIGTERM during the
+# last evaluation); these send them from outside to a process with its progress bar on.
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_checkpoint_and_says_how_to_resume(data_dir: Path, tmp_path: Path, sig: int) -> None:
     out = tmp_path / "run"
@@ -355,6 +358,7 @@ def test_cuda_graph_falls_back_to_eager_without_cuda(train, tmp_path: Path, caps
     assert all(torch.equal(t, b["generator"][k]) for k, t in a["generator"].items())
 
 
+@pytest.mark.slow
 def test_benchmark_prints_one_json_line_with_both_loops(data_dir: Path) -> None:
     out = (
         subprocess.run(
