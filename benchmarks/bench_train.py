@@ -104,7 +104,7 @@ class GanMnistLoop:
     def __init__(
         self, data_dir: str, batch_size: int, device: torch.device, cuda_graph: bool, precision: str, recipe: str
     ) -> None:
-        cfg = gan_mnist.Config(**{**gan_mnist.RECIPES[recipe], "batch_size": batch_size, "precision": precision})
+        cfg = gan_mnist.recipe_config({"recipe": recipe, "batch_size": batch_size, "precision": precision})
         images, _ = gan_mnist.load_mnist(data_dir, train=True)
         self.data = images.to(device)
         self.nets = gan_mnist.build_nets(cfg, device, capturable=cuda_graph)

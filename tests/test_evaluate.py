@@ -62,6 +62,22 @@ def test_a_collapsed_generator_covers_one_mode(evaluator, data_dir: Path) -> Non
     assert metrics["recall"] < 0.05
 
 
+@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
+def test_training_evaluation_scores_the_digits_evaluate_draws(evaluator, conditional: bool) -> None:
+    """A run's evaluation judges G's digits chunk by chunk as they are drawn; `evaluate` draws them all first
+    (it also saves them). Both must score the same digits the same, across a chunk boundary (256 = 250 + 6)."""
+    torch.manual_seed(0)
+    G = gan_mnist.Generator(num_classes=10 if conditional else 0).train()
+    streamed = evaluator(G, seed=5)
+    images, labels = evaluator.sample(G, seed=5)
+    assert G.training, "evaluation leaves G in training mode"
+    whole = evaluator.score(images, labels)
+    for key in ("fid", "inception_score", "class_histogram", "precision", "recall", "digit_accuracy"):
+        assert streamed.get(key) == whole.get(key), key
+    assert ("digit_accuracy" in streamed) == conditional
+    assert evaluator(G, seed=6)["fid"] != streamed["fid"], "another seed, other digits"
+
+
 def test_judge_is_cached_outside_the_data_folder(evaluator, data_dir: Path) -> None:
     images, _ = gan_mnist.load_mnist(data_dir)
     path = gan_mnist.default_judge_path(images)

@@ -30,18 +30,28 @@ TUTORIAL_FINGERPRINT = {
 }
 
 
-@pytest.mark.parametrize("flag", list(TUTORIAL_FINGERPRINT))
-def test_tutorial_recipe_reproduces_the_weights_of_before(train, tmp_path: Path, flag: str) -> None:
-    assert train("run", "--recipe", "tutorial", "--epochs", "2", *([flag] if flag else [])).exit_code == 0
+@pytest.mark.parametrize(
+    ("flags", "before"),
+    [
+        (["--recipe", "tutorial"], ""),
+        (["--recipe", "tutorial", "--conditional"], "--conditional"),
+        # The default recipe trains a conditional GAN with the tutorial's maths (CONDITIONAL_RECIPES), so the
+        # conditional GAN keeps the figures it had before recipes existed, bit for bit.
+        (["--conditional"], "--conditional"),
+    ],
+    ids=["tutorial", "tutorial-conditional", "default-conditional"],
+)
+def test_tutorial_maths_reproduce_the_weights_of_before(train, tmp_path: Path, flags: list[str], before: str) -> None:
+    assert train("run", "--epochs", "2", *flags).exit_code == 0
     ckpt = load(tmp_path / "run" / "checkpoints" / "last.pt")
     got = tuple(gan_mnist.weights_sha256(ckpt[k]) for k in ("generator", "discriminator", "ema"))
-    assert got == TUTORIAL_FINGERPRINT[flag]
+    assert got == TUTORIAL_FINGERPRINT[before]
 
 
 def make_nets(*flags: str, seed: int = 0) -> tuple[gan_mnist.Nets, gan_mnist.Config]:
     """Networks as the trainer builds them, in fp32 (exact comparisons), for the given recipe flags."""
     namespace = vars(gan_mnist.build_train_parser().parse_args(["--precision", "fp32", *flags]))
-    cfg = gan_mnist.Config(**{**gan_mnist.RECIPES[namespace.get("recipe", "stable")], **namespace})
+    cfg = gan_mnist.recipe_config(namespace)
     torch.manual_seed(seed)
     nets = gan_mnist.build_nets(cfg, torch.device("cpu"))
     gan_mnist.set_schedule(nets, cfg, 1)
@@ -152,6 +162,21 @@ def test_schedules_follow_their_formulas() -> None:
     nets, cfg = make_nets("--epochs", "10", "--lr-decay", "none")
     gan_mnist.set_schedule(nets, cfg, 10)
     assert nets.opt_g.param_groups[0]["lr"] == 2e-4 and nets.noise_std is None and nets.top_k_share is None
+
+
+def test_recipes_preset_what_the_readme_says_and_typed_flags_win() -> None:
+    def settings(*flags: str) -> tuple[float, int, str]:
+        cfg = make_nets("--epochs", "200", *flags)[1]
+        return cfg.r1_gamma, cfg.r1_every, cfg.lr_decay
+
+    assert settings() == (1.0, 8, "none")  # lazy R1 at a constant learning rate
+    assert settings("--conditional") == (0.0, 8, "none")  # without R1, D keeps the digits apart best
+    assert settings("--recipe", "tutorial") == settings("--recipe", "tutorial", "--conditional") == (0.0, 8, "none")
+    assert settings("--conditional", "--r1-gamma", "2") == (2.0, 8, "none")
+    assert settings("--recipe", "tutorial", "--lr-decay", "linear")[2] == "linear"
+    nets, cfg = make_nets("--epochs", "200")
+    gan_mnist.set_schedule(nets, cfg, 200)
+    assert nets.opt_g.param_groups[0]["lr"] == nets.opt_d.param_groups[0]["lr"] == 2e-4
 
 
 def test_label_smoothing_lowers_only_ds_real_target(data_dir: Path) -> None:
