@@ -147,6 +147,11 @@ MUTANTS: list[tuple[str, ...]] = [
     ("r1-off-schedule", "% cfg.r1_every == 0", "% cfg.r1_every == 1"),
     ("lr-decay-off-by-one", "remaining = 1.0 - (epoch - 1) / cfg.epochs", "remaining = 1.0 - epoch / cfg.epochs"),
     (
+        "conditional-default-keeps-r1",
+        '{"stable": {"r1_gamma": 0.0}, "tutorial": {}}',
+        '{"stable": {}, "tutorial": {}}',
+    ),
+    (
         "smoothing-on-g-target",
         "torch.ones(batch, device=device)",
         "torch.full((batch,), self.real_target, device=device)",
@@ -192,6 +197,7 @@ MUTANTS: list[tuple[str, ...]] = [
         'if state["best"] is None or metrics["fid"] > state["best"]["fid"]:',
     ),
     ("best-not-carried-by-resume", '    "best",\n    "invocations",\n', '    "invocations",\n'),
+    ("judge-chunks-overwrite-each-other", "        start += len(h)\n", "\n"),
     (
         "eval-shifts-training-rng",
         "            with torch.random.fork_rng(devices=[]):  # its throwaway init",
