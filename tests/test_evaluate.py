@@ -86,9 +86,9 @@ def test_judge_is_cached_outside_the_data_folder(evaluator, data_dir: Path) -> N
     assert gan_mnist.default_judge_path(images[:100]) != path, "another training set, another judge"
 
 
-def test_judge_cache_is_reused_and_retrained_when_corrupt(data_dir: Path, tmp_path: Path, capsys) -> None:
+def test_judge_cache_is_reused_and_retrained_when_corrupt(data_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     path = tmp_path / "judge.pt"
-    _, first = gan_mnist.load_or_train_judge(path, data_dir, quiet=True)
+    judge, first = gan_mnist.load_or_train_judge(path, data_dir, quiet=True)
     _, again = gan_mnist.load_or_train_judge(path, data_dir, quiet=True)
     assert again == first, "a valid cache is loaded, not retrained"
     saved = load(path)
@@ -102,8 +102,11 @@ def test_judge_cache_is_reused_and_retrained_when_corrupt(data_dir: Path, tmp_pa
     assert retrained["sha256"] == first["sha256"], "retraining is seeded: the same judge again"
 
     path.write_bytes(path.read_bytes()[:1000])  # truncated
+    trained: list[bool] = []  # the seeded retraining is checked above: here only that a truncated cache causes it
+    monkeypatch.setattr(gan_mnist, "train_judge", lambda *a, **k: (trained.append(True), (judge, 0.95, 512))[1])
     _, retrained = gan_mnist.load_or_train_judge(path, data_dir, quiet=True)
-    assert "retraining the judge" in capsys.readouterr().err and retrained["sha256"] == first["sha256"]
+    assert "retraining the judge" in capsys.readouterr().err and trained and retrained["sha256"] == first["sha256"]
+    assert load(path)["sha256"] == first["sha256"], "the retrained judge replaces the truncated file"
 
 
 def test_evaluate_command_prints_json_and_writes_metrics(train, data_dir: Path, tmp_path: Path, capsys) -> None:
