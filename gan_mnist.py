@@ -1637,19 +1637,20 @@ class Evaluator:
         if test_images is None:
             test_images, _ = load_mnist(data_dir, train=False)
         self.test_images = test_images
-        test_chunks = (to_model_range(chunk) for chunk in test_images.split(EVAL_CHUNK))  # never all as floats
-        self.test_feats, _ = judge_outputs(self.judge, test_chunks, len(test_images))
+        self.test_feats, _ = self._judge_digits(test_images)
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             cached = json.loads(floor_cache.read_text()) if floor_cache else {}
             if cached.get("judge_sha256") == self.judge_info["sha256"]:
                 self.floor = cached["floor"]
                 return
-        real = train_images[: self.num].cpu()
-        real_chunks = (to_model_range(chunk) for chunk in real.split(EVAL_CHUNK))
-        self.floor = sample_metrics(*judge_outputs(self.judge, real_chunks, len(real)), self.test_feats)
+        self.floor = sample_metrics(*self._judge_digits(train_images[: self.num].cpu()), self.test_feats)
         if floor_cache is not None:
             with contextlib.suppress(GanError):  # an unwritable cache costs the computation next time, no more
                 write_json(floor_cache, {"judge_sha256": self.judge_info["sha256"], "floor": self.floor})
+
+    def _judge_digits(self, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Judge outputs of uint8 MNIST digits, brought to [-1, 1] a chunk at a time (never all as floats)."""
+        return judge_outputs(self.judge, (to_model_range(chunk) for chunk in images.split(EVAL_CHUNK)), len(images))
 
     @torch.no_grad()
     def __call__(self, G: nn.Module, seed: int = 0) -> dict[str, Any]:
