@@ -149,14 +149,14 @@ sys.exit(gan_mnist.main(sys.argv[1:]).exit_code)
     [
         ("SIGINT", "record_epoch", "5"),  # twice in a row during training
         pytest.param("SIGHUP", "record_epoch", "5", marks=pytest.mark.slow),
-        ("SIGTERM", "evaluate_during_training", "1"),  # during the end-of-run evaluation
+        ("SIGTERM", "evaluate_epoch", "1"),  # during the end-of-run evaluation
     ],
 )
 def test_every_stop_signal_saves_and_exits_128_plus_its_number(data_dir: Path, tmp_path: Path, sig, target, epochs):
     script = tmp_path / "run_with_signal.py"
     script.write_text(SIGNAL_RUN.format(root=str(ROOT), target=target, sig=sig))
     argv = [str(script), "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "run"), *FAST, "--epochs", epochs]
-    if target == "evaluate_during_training":
+    if target == "evaluate_epoch":
         argv += ["--eval-every", "0", "--eval-num", "64"]
     proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
     number = getattr(signal, sig)
