@@ -12,7 +12,7 @@ Tanh) against an MLP discriminator (784 -> 512 -> 256 -> 1, LeakyReLU 0.2), alte
 updates with Adam (lr 2e-4, betas 0.5/0.999), batch 64, images in [-1, 1]. The default adds a lazy R1 penalty.
 
 Read it top to bottom: 1 config, 2 data, 3 models, 4 the training step, 5 the epoch loop. That is the whole GAN.
-Below the line "support code" come the checkpoints, evaluation, outputs, run-folder safety and the commands.
+Below the line "support code" come checkpoints and resume, evaluation, outputs, run-folder safety and commands.
 """
 
 from __future__ import annotations
@@ -28,14 +28,12 @@ import io
 import json
 import math
 import os
-import pickle
 import re
 import shlex
 import shutil
 import signal
 import string
 import sys
-import threading
 import time
 import traceback
 import warnings
@@ -59,7 +57,7 @@ IMAGE_SHAPE = (1, 28, 28)
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
-    """A Config field with its --help text; `defining=True` marks what a resume may not change."""
+    """A Config field with its --help text; `defining=True` marks a setting that a resume may not change."""
     return field(default=default, metadata={"help": help, **extra})
 
 
@@ -72,19 +70,10 @@ class Config:
     b1: float = _f(0.5, "Adam beta1 of both networks")
     b2: float = _f(0.999, "Adam beta2 of both networks")
     latent_dim: int = _f(100, "size of the noise vector z", defining=True)
-    conditional: bool = _f(False, "train a class-conditional GAN (G and D both see the digit label)", defining=True)
-    ema_decay: float = _f(
-        0.999,
-        "decay of an exponential moving average of G's weights used for "
-        "samples, generator.pt, generate and evaluate (0 = off)",
-        defining=True,
-    )
+    conditional: bool = _f(False, "class-conditional GAN: G and D both see the digit label", defining=True)
+    ema_decay: float = _f(0.999, "EMA of G's weights for samples, generate and evaluate (0 = off)", defining=True)
     # the stabilisers: --recipe presets them (RECIPES below); a flag given beside it wins
-    recipe: str = _f(
-        "stable",
-        "stable: the tutorial's maths plus measured stabilisers; tutorial: the maths as published",
-        defining=True,
-    )
+    recipe: str = _f("stable", "stable: the tutorial's maths plus lazy R1; tutorial: as published", defining=True)
     r1_gamma: float = _f(1.0, "weight of the R1 penalty on D's gradient at real digits (0 = off)")
     r1_every: int = _f(8, "apply the R1 penalty every N D steps, its weight scaled by N (lazy R1)", metavar="N")
     lr_decay: str = _f("none", "learning-rate schedule over the run's --epochs: linear (to 0), or none")
@@ -97,40 +86,24 @@ class Config:
     seed: int = _f(1, "random seed for weights, noise and data order", defining=True)
     device: str = _f("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     threads: int = _f(0, "CPU threads for torch (0 = auto: one fewer than the CPUs available, at most 4)")
-    precision: str = _f(
-        "auto",
-        "matmul precision: auto (bf16 on CPUs with native bf16, TF32 on CUDA, "
-        "else fp32), fp32, bf16; weights, optimiser and losses stay fp32",
-    )
+    precision: str = _f("auto", "matmuls: auto (bf16 on CPUs with native bf16, TF32 on CUDA), fp32, bf16")
     cuda_graph: bool = _f(False, "on CUDA, capture each training step as one CUDA graph (eager elsewhere)")
     # outputs
     sample_every: int = _f(1, "save a sample grid every N epochs", metavar="N")
     checkpoint_every: int = _f(10, "keep a checkpoints/epoch_NNNN.pt every N epochs", metavar="N")
     keep_checkpoints: int = _f(5, "keep only the newest N periodic checkpoints (0 = keep all)", metavar="N")
-    eval_every: int = _f(
-        10,
-        "evaluate every N epochs and at the end, keeping generator_best.pt (0 = at the end only, -1 = never)",
-        metavar="N",
-    )
+    eval_every: int = _f(10, "evaluate every N epochs and at the end (0 = at the end only, -1 = never)", metavar="N")
     eval_num: int = _f(10000, "generated digits per evaluation", metavar="N")
-    judge: str = _f(
-        "", "judge network cache (default: ~/.cache/gan_mnist/judge-<hash of the training digits>.pt)", metavar="PATH"
-    )
-    resume: str = _f(
-        "", "continue the run saved in this checkpoint (e.g. outputs/run/checkpoints/last.pt)", metavar="PATH"
-    )
-    tensorboard: bool = _f(
-        True, "write TensorBoard event files to <run>/tensorboard (tensorboard --logdir outputs); --no-tensorboard: off"
-    )
+    judge: str = _f("", "judge network cache (default: ~/.cache/gan_mnist/judge-<hash>.pt)", metavar="PATH")
+    resume: str = _f("", "continue the run saved in this checkpoint (e.g. <run>/checkpoints/last.pt)", metavar="PATH")
+    tensorboard: bool = _f(True, "TensorBoard event files in <run>/tensorboard; --no-tensorboard: off")
     quiet: bool = _f(False, "no progress bar; print only the per-epoch summaries")
     debug: bool = _f(False, "show the full traceback of an error")
 
 
 # A resumed run must keep these: they define the model or the data stream that the checkpoint continues.
 RUN_DEFINING = tuple(f.name for f in dataclasses.fields(Config) if f.metadata.get("defining"))
-
-# What --recipe sets before the flags the user typed: "tutorial" is the blog post's maths exactly, "stable" is
-# Config's defaults (README, 'The default recipe').
+# What --recipe sets before the flags the user typed (README, 'The default recipe'). "tutorial" is the blog's maths.
 RECIPES: dict[str, dict[str, Any]] = {"stable": {}, "tutorial": {"r1_gamma": 0.0, "lr_decay": "none"}}
 # A conditional GAN trains best without R1: the penalty also smooths D's label term (README, 'Conditional GAN').
 CONDITIONAL_RECIPES: dict[str, dict[str, Any]] = {"stable": {"r1_gamma": 0.0}, "tutorial": {}}
@@ -144,7 +117,7 @@ def recipe_config(flags: dict[str, Any]) -> Config:
 
 
 # ============================================================================================== 2. data
-# MNIST is read once by torchvision (load_mnist, in the support code) as uint8 tensors, and stays on the device.
+# MNIST is read once, through torchvision (load_mnist, in the support code), as uint8 tensors kept on the device.
 
 
 def to_model_range(images: Tensor, device: torch.device | str = "cpu") -> Tensor:
@@ -158,8 +131,7 @@ def to_uint8(images: Tensor) -> Tensor:
 
 
 def epoch_batches(num_images: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
-    """One epoch's index batches: a seeded permutation, so each image is seen exactly once. The last batch
-    keeps the remainder (smaller), as the tutorial's DataLoader(shuffle=True) does."""
+    """One epoch's index batches: a seeded permutation, each image once; the last batch keeps the remainder."""
     return list(torch.randperm(num_images, generator=generator).split(batch_size))
 
 
@@ -240,11 +212,10 @@ class Nets:
     _targets: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def targets(self, batch: int) -> tuple[Tensor, Tensor]:
-        """D's targets (real then fake) and G's, made once per batch size: no allocations in the step."""
+        """D's targets (real, then fake) and G's, made once per batch size: no allocations in the step."""
         if batch not in self._targets:
-            device = self.stats.device
-            d = torch.cat([torch.ones(batch), torch.zeros(batch)]).to(device)
-            self._targets[batch] = d, torch.ones(batch, device=device)
+            d = torch.cat([torch.ones(batch), torch.zeros(batch)]).to(self.stats.device)
+            self._targets[batch] = d, torch.ones(batch, device=self.stats.device)
         return self._targets[batch]
 
     def sampler(self) -> Generator:
@@ -263,28 +234,19 @@ def make_adam(params: Any, cfg: Config, lr: float, capturable: bool = False) -> 
 
 
 def build_nets(cfg: Config, device: torch.device, capturable: bool = False) -> Nets:
-    num_classes = NUM_CLASSES if cfg.conditional else 0
-    G = Generator(cfg.latent_dim, num_classes).to(device)
-    D = Discriminator(num_classes, cfg.spectral_norm).to(device)
+    classes = NUM_CLASSES if cfg.conditional else 0
+    G, D = Generator(cfg.latent_dim, classes).to(device), Discriminator(classes, cfg.spectral_norm).to(device)
     # The EMA is a copy, not a new Generator: a new one's init would draw from the RNG and shift training.
     ema = copy.deepcopy(G).requires_grad_(False) if cfg.ema_decay > 0 else None
-    return Nets(
-        G,
-        D,
-        make_adam(G.parameters(), cfg, cfg.lr, capturable),
-        make_adam(D.parameters(), cfg, cfg.d_lr or cfg.lr, capturable),
-        ema,
-        cfg.ema_decay,
-        stats=torch.zeros(4, device=device),
-        ema_updates=torch.zeros((), device=device),
-        bf16=use_bf16(cfg.precision, device),
-        r1_weight=cfg.r1_gamma / 2 * cfg.r1_every,
-    )
+    opt_g = make_adam(G.parameters(), cfg, cfg.lr, capturable)
+    opt_d = make_adam(D.parameters(), cfg, cfg.d_lr or cfg.lr, capturable)
+    zeros = functools.partial(torch.zeros, device=device)
+    return Nets(G, D, opt_g, opt_d, ema, cfg.ema_decay, zeros(4), zeros(()), use_bf16(cfg.precision, device),
+                r1_weight=cfg.r1_gamma / 2 * cfg.r1_every)  # fmt: skip
 
 
 def set_schedule(nets: Nets, cfg: Config, epoch: int) -> None:
-    """The learning rates of this epoch (1-based) under --lr-decay, set at the start of each epoch, also a resumed
-    one, so a resume is exact."""
+    """This epoch's learning rates (--lr-decay), set as each epoch starts, also a resumed one: resume is exact."""
     decay = 1.0 - (epoch - 1) / cfg.epochs if cfg.lr_decay == "linear" else 1.0  # linear: 1/epochs in the last
     for opt, lr in ((nets.opt_g, cfg.lr), (nets.opt_d, cfg.d_lr or cfg.lr)):
         for group in opt.param_groups:
@@ -345,12 +307,12 @@ def train_step(nets: Nets, real: Tensor, labels: Tensor | None, r1: bool = False
 
 @dataclass
 class RunState:
-    """The loop's state between steps, on the CPU: everything a checkpoint saves besides the networks. These
-    fields are the checkpoint's fields, and their types are what loading a checkpoint checks."""
+    """The loop's state between steps, on the CPU: all a checkpoint saves besides the networks. These fields are
+    the checkpoint's, and their annotations the types that loading a checkpoint checks."""
 
     fixed_noise: Tensor  # the noise behind every sample grid, drawn once from the seed
     fixed_labels: Tensor | None  # conditional: row k of each grid is digit k
-    rng: dict  # random states: "torch" and "cuda" as saved, "data" as at the start of the epoch in progress
+    rng: dict  # random states: "torch" and "cuda" when saved, "data" as the epoch in progress began
     epoch: int = 0  # epochs completed
     step: int = 0  # steps done in the next epoch (non-zero after an interruption)
     epoch_steps: int = 0
@@ -360,15 +322,14 @@ class RunState:
     metrics: list = field(default_factory=list)  # a row per evaluation: metrics.csv
     best: dict | None = None  # {"epoch", "fid"} of the lowest-FID evaluation so far: generator_best.pt
     invocations: list = field(default_factory=list)  # what really ran, at the start and at each resume
+    run_id: str = field(default_factory=lambda: os.urandom(8).hex())  # whose folder it is: never another run's
 
     @classmethod
     def new(cls, cfg: Config, data_rng: torch.Generator) -> RunState:
         gen = torch.Generator().manual_seed(cfg.seed)  # its own stream: it does not shift the training noise
-        if cfg.conditional:
-            noise, labels = torch.randn(100, cfg.latent_dim, generator=gen), torch.arange(10).repeat_interleave(10)
-        else:
-            noise, labels = torch.randn(64, cfg.latent_dim, generator=gen), None
-        return cls(noise, labels, {"torch": torch.get_rng_state(), "cuda": None, "data": data_rng.get_state()})
+        rows, labels = (100, torch.arange(10).repeat_interleave(10)) if cfg.conditional else (64, None)
+        rng = {"torch": torch.get_rng_state(), "cuda": None, "data": data_rng.get_state()}
+        return cls(torch.randn(rows, cfg.latent_dim, generator=gen), labels, rng)
 
 
 @dataclass
@@ -388,7 +349,7 @@ class Run:
     train_images: Tensor  # all training digits: the judge's cache key, the memorisation reference
     test_images: Tensor | None = None  # read at the start when the run evaluates: a bad file fails at once
     evaluator: Evaluator | None = None
-    tb: Any = None  # torch.utils.tensorboard.SummaryWriter
+    tb: Any = None  # a torch.utils.tensorboard.SummaryWriter
     last_plot: float = field(default_factory=time.monotonic)
     last_gif: float = field(default_factory=time.monotonic)
 
@@ -397,17 +358,18 @@ class Run:
         return self.dir / "checkpoints"
 
     def log(self, scalars: dict[str, float | None], epoch: int) -> None:
-        """Scalars to TensorBoard, when it is on."""
         for tag, value in scalars.items():
             if self.tb is not None and value is not None:
                 self.tb.add_scalar(tag, value, epoch)
 
 
 def train(cfg: Config, given: set[str]) -> Result:
-    """Trains a new run, or resumes one, up to cfg.epochs. `given`: the flags the user typed (a resume takes
-    the rest from the checkpoint)."""
+    """Trains a new run, or resumes one (`given`: the flags typed; the rest come from the checkpoint)."""
     with open_run(cfg, given) as run, StopSignal() as stop:  # held to the end: the last outputs always finish
         cfg = run.cfg
+        if evaluation_pending(cfg, run.state):  # a stop signal cut the last evaluation short: it is done now
+            evaluate_epoch(run, run.state.epoch)
+            save_epoch_checkpoint(run, run.state.epoch)
         while run.state.epoch < cfg.epochs:
             epoch = run.state.epoch + 1
             if not train_epoch(run, epoch, stop):
@@ -428,23 +390,22 @@ def evaluates(cfg: Config, epoch: int) -> bool:
     return cfg.eval_every >= 0 and (epoch == cfg.epochs or cfg.eval_every > 0 and epoch % cfg.eval_every == 0)
 
 
+def evaluation_pending(cfg: Config, state: RunState) -> bool:
+    """Whether the last finished epoch is due an evaluation that it has not had (a stop signal came first)."""
+    done = state.epoch > 0 and state.step == 0 and evaluates(cfg, state.epoch)
+    return done and not any(row["epoch"] == state.epoch for row in state.metrics)
+
+
 def train_epoch(run: Run, epoch: int, stop: StopSignal) -> bool:
     """The steps of one epoch (from the saved step, after a mid-epoch resume). False if a signal stopped it:
-    the partial epoch is then saved to last.pt, so a resume continues from the very next step."""
+    the part-done epoch is then saved to last.pt, so a resume continues from the very next step."""
     cfg, state, nets = run.cfg, run.state, run.nets
     set_schedule(nets, cfg, epoch)
     state.rng["data"] = run.data_rng.get_state()  # what a resume needs to redraw this epoch's order
     batches = epoch_batches(len(run.data), cfg.batch_size, run.data_rng)
     started = time.perf_counter() - state.epoch_seconds
-    bar = tqdm(
-        total=len(batches),
-        initial=state.step,
-        desc=f"epoch {epoch}/{cfg.epochs}",
-        unit="step",
-        leave=False,
-        disable=True if cfg.quiet else None,
-        dynamic_ncols=True,
-    )
+    bar = tqdm(total=len(batches), initial=state.step, desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
+               leave=False, disable=cfg.quiet or None, dynamic_ncols=True)  # fmt: skip
     next_refresh = time.monotonic() + 0.5
     for i in range(state.step, len(batches)):
         if stop.signum:
@@ -465,7 +426,7 @@ def train_epoch(run: Run, epoch: int, stop: StopSignal) -> bool:
         return True
     check_finite((nets.stats / max(1, state.epoch_steps)).tolist(), epoch, cfg, run.ckpt_dir)
     state.epoch_stats = nets.stats.detach().cpu()
-    save_run_checkpoint(run, run.ckpt_dir / "last.pt")
+    save_checkpoint(checkpoint_dict(run), run.ckpt_dir / "last.pt")
     return False
 
 
@@ -477,64 +438,50 @@ def record_epoch(run: Run, epoch: int) -> None:
     state = run.state
     means = (run.nets.stats / state.epoch_steps).tolist()
     check_finite(means, epoch, run.cfg, run.ckpt_dir)
-    row = dict(zip(LOSS_COLUMNS, [epoch, *means, state.epoch_seconds]))
-    state.history.append(row)
+    state.history.append(dict(zip(LOSS_COLUMNS, [epoch, *means, state.epoch_seconds])))
     tags = ("loss/D", "loss/G", "D_output/real", "D_output/fake", "speed/seconds_per_epoch")
     run.log(dict(zip(tags, [*means, state.epoch_seconds])), epoch)
     print(
-        f"epoch {epoch:>4}/{run.cfg.epochs}  d_loss {means[0]:.4f}  g_loss {means[1]:.4f}  "
-        f"D(x) {means[2]:.3f}  D(G(z)) {means[3]:.3f}  {state.epoch_seconds:.1f}s "
-        f"({state.epoch_steps / state.epoch_seconds:.0f} steps/s)",
+        f"epoch {epoch:>4}/{run.cfg.epochs}  d_loss {means[0]:.4f}  g_loss {means[1]:.4f}  D(x) {means[2]:.3f}  "
+        f"D(G(z)) {means[3]:.3f}  {state.epoch_seconds:.1f}s ({state.epoch_steps / state.epoch_seconds:.0f} steps/s)",
         flush=True,
     )
     state.epoch, state.step, state.epoch_steps, state.epoch_seconds = epoch, 0, 0, 0.0
-    state.rng["data"] = run.data_rng.get_state()
-    state.epoch_stats = torch.zeros(4)
+    state.rng["data"], state.epoch_stats = run.data_rng.get_state(), torch.zeros(4)
     run.nets.stats.zero_()
 
 
 # ###########################################################################################################
-# Support code below: starting and resuming a run, checkpoint files, evaluation, outputs, run-folder safety,
-# and the commands. The GAN itself is all above.
+# Support code below: devices, starting and resuming a run, checkpoint files, evaluation, outputs, run-folder
+# safety, and the commands. The GAN itself is all above.
 # ###########################################################################################################
 
 
-# ================================================================================ devices and threads
-
-
 def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def auto_threads() -> int:
-    """One CPU fewer than this process may use, at most 4: torch's threads spin-wait for each other, so one busy
-    core stalls them all (README, 'CPU threads')."""
+    """One CPU fewer than this process may use, at most 4: torch's threads spin-wait for each other, so one
+    busy core stalls them all (README, 'CPU threads')."""
     return max(1, min(4, _cpus() - 1))
 
 
 def resolve_device(name: str) -> torch.device:
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GanError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and not torch.cuda.is_available() or device.type == "mps" and not mps:
+        raise GanError(f"--device {name}: {device.type.upper()} is not available on this machine (use --device cpu)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise GanError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise GanError(f"--device {name}: MPS is not available on this machine (use --device cpu)")
     return device
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 matmuls (fp32 weights and accumulation) where they are the fast path: CPUs with native bf16
-    (README, 'Speed'). On CUDA, TF32 plays that part."""
+    """bf16 matmuls (fp32 weights and sums) where they are the fast path: CPUs with native bf16 (README,
+    'Speed'). On CUDA, TF32 plays that part."""
     if precision != "auto":
         return precision == "bf16"
     return (
@@ -545,8 +492,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 class CudaGraphStep:
     """train_step captured as CUDA graphs, one per kind of step (with and without the lazy R1 penalty): a few
     eager warm-up steps of each kind on a side stream (real training steps), then capture; every later full
-    batch is one graph replay. Noise is drawn inside the graph. A smaller last batch of an epoch runs eagerly
-    (capturable Adam works both ways)."""
+    batch is one graph replay, its noise drawn inside the graph. A smaller last batch runs eagerly."""
 
     warmup_steps = 3
 
@@ -560,8 +506,7 @@ class CudaGraphStep:
 
     def __call__(self, real: Tensor, labels: Tensor | None, r1: bool = False) -> None:
         if real.size(0) != self.batch_size:
-            train_step(self.nets, real, labels, r1)
-            return
+            return train_step(self.nets, real, labels, r1)
         self.real.copy_(real)
         if labels is not None:
             self.labels.copy_(labels)
@@ -577,11 +522,10 @@ class CudaGraphStep:
             # Gradients must be allocated from the graph's private pool, so they start as None.
             self.nets.opt_d.zero_grad(set_to_none=True)
             self.nets.opt_g.zero_grad(set_to_none=True)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            self.graphs[r1] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graphs[r1]):
                 train_step(self.nets, self.real, self.labels, r1)
-            self.graphs[r1] = graph
-            graph.replay()  # capture records without running: this batch still has to be trained on
+            self.graphs[r1].replay()  # capture records without running: this batch still has to be trained on
 
 
 # ======================================================================== starting and resuming a run
@@ -590,31 +534,31 @@ class CudaGraphStep:
 @contextlib.contextmanager
 def open_run(cfg: Config, given: set[str]) -> Iterator[Run]:
     """The run to train, its folder locked against a second process: a new one, or the checkpoint's on a resume.
-    A start that fails before anything was saved removes the folder it created."""
-    checkpoint = None
+    A start that fails before anything was saved removes exactly what it created."""
+    checkpoint, run_dir = None, Path(cfg.out_dir) if cfg.out_dir else None
     if cfg.resume:  # resolved now: `--resume last.pt` from inside checkpoints/ names that run, from anywhere
         cfg = dataclasses.replace(cfg, resume=str(Path(cfg.resume).resolve()))
         checkpoint = load_checkpoint(cfg.resume, CHECKPOINT_FORMAT)
         cfg, run_dir = resume_config(cfg, given, checkpoint)
-    else:
-        run_dir = Path(cfg.out_dir) if cfg.out_dir else None
-        if run_dir is not None:
-            check_new_run_dir(run_dir)
+    elif run_dir is not None:
+        check_new_run_dir(run_dir)
     device = resolve_device(cfg.device)
-    created = run_dir is None or not run_dir.exists()
+    before = set(os.listdir(run_dir)) if run_dir is not None and run_dir.is_dir() else None  # None: a new folder
     run_dir = run_dir or new_run_dir()
     make_folder(run_dir, f"--out-dir {run_dir}")
-    # Absolute paths in config.json and the checkpoint: a resume from another working directory finds all.
+    run_dir = run_dir.resolve()  # absolute paths everywhere: a resume from another working directory finds all
     judge = str(Path(cfg.judge).resolve()) if cfg.judge else ""
-    cfg = dataclasses.replace(
-        cfg, out_dir=str(run_dir.resolve()), data_dir=str(Path(cfg.data_dir).resolve()), judge=judge
-    )
+    cfg = dataclasses.replace(cfg, out_dir=str(run_dir), data_dir=str(Path(cfg.data_dir).resolve()), judge=judge)
     try:
-        with RunLock(run_dir):
+        with run_lock(run_dir):
             yield start_run(cfg, run_dir, device, checkpoint)
     except BaseException:
-        if created and not holds_run(run_dir):  # a start that failed before saving anything leaves no litter
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if not holds_run(run_dir):  # a start that failed before saving anything leaves no litter
+            for name in os.listdir(run_dir) if before is not None else []:
+                if name not in before and name in (*RUN_OUTPUTS, LOCK):
+                    shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
+            if before is None:
+                shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
@@ -632,19 +576,19 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict
     data_rng = torch.Generator().manual_seed(cfg.seed)
     state = RunState.new(cfg, data_rng) if checkpoint is None else restore(nets, checkpoint, cfg, device, data_rng)
     nets.stats.copy_(state.epoch_stats)
-    state.invocations = [*state.invocations, invocation(cfg, state, device, nets)]
+    precision = "bf16" if nets.bf16 else "tf32" if device.type == "cuda" else "fp32"
+    state.invocations = [*state.invocations, {
+        "started": datetime.now().isoformat(timespec="seconds"), "from_epoch": state.epoch, "epochs": cfg.epochs,
+        "device": str(device), "threads": torch.get_num_threads(), "precision": precision,
+        "torch": str(torch.__version__), "resume": cfg.resume or None}]  # fmt: skip
     step = CudaGraphStep(nets, cfg.batch_size, cfg.conditional, device) if use_graph else None
     fixed = state.fixed_noise.to(device), None if state.fixed_labels is None else state.fixed_labels.to(device)
-    data = images.to(device), labels.to(device)
-    step_fn = step or functools.partial(train_step, nets)
-    run = Run(cfg, run_dir, device, nets, *data, data_rng, state, step_fn, fixed, all_images, test_images)
+    run = Run(cfg, run_dir, device, nets, images.to(device), labels.to(device), data_rng, state,
+              step or functools.partial(train_step, nets), fixed, all_images, test_images)  # fmt: skip
     prepare_run_folder(run, resumed=checkpoint is not None)
-    print(
-        f"gan_mnist: training on {device} ({torch.get_num_threads()} CPU threads), {len(run.data)} images, "
-        f"{math.ceil(len(run.data) / cfg.batch_size)} steps/epoch, epochs {state.epoch + 1}..{cfg.epochs} "
-        f"-> {run_dir}",
-        flush=True,
-    )
+    print(f"gan_mnist: training on {device} ({torch.get_num_threads()} CPU threads), {len(run.data)} images, "
+          f"{math.ceil(len(run.data) / cfg.batch_size)} steps/epoch, epochs {state.epoch + 1}..{cfg.epochs} -> "
+          f"{run_dir}", flush=True)  # fmt: skip
     if checkpoint is not None:
         print(f"resumed from {cfg.resume} at epoch {state.epoch}" + (f" step {state.step}" if state.step else ""))
     if cfg.tensorboard:
@@ -656,69 +600,56 @@ def read_run_data(cfg: Config) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """All training digits, the ones trained on (--subset) with their labels, and the test digits when the run
     evaluates: every file the run will need is read before the first step, not found bad after the last."""
     all_images, labels = load_mnist(cfg.data_dir, train=True)
-    images = all_images
-    if cfg.subset:
-        if cfg.subset > len(images):
-            raise GanError(f"--subset {cfg.subset} is more than the {len(images)} training images")
-        images, labels = images[: cfg.subset], labels[: cfg.subset]
-    test_images = None
-    if cfg.eval_every >= 0:
-        test_images, _ = load_mnist(cfg.data_dir, train=False)
-        if cfg.judge:
-            check_judge_path(Path(cfg.judge))
+    if cfg.subset > len(all_images):
+        raise GanError(f"--subset {cfg.subset} is more than the {len(all_images)} training images")
+    images, labels = (all_images[: cfg.subset], labels[: cfg.subset]) if cfg.subset else (all_images, labels)
+    test_images = load_mnist(cfg.data_dir, train=False)[0] if cfg.eval_every >= 0 else None
+    if cfg.eval_every >= 0 and cfg.judge:
+        check_judge_path(Path(cfg.judge))
     return all_images, images, labels, test_images
 
 
-def invocation(cfg: Config, state: RunState, device: torch.device, nets: Nets) -> dict[str, Any]:
-    """What this start or resume really runs with: the resolved device, threads and precision (config.json)."""
-    return {
-        "started": datetime.now().isoformat(timespec="seconds"),
-        "from_epoch": state.epoch,
-        "epochs": cfg.epochs,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "precision": "bf16" if nets.bf16 else "tf32" if device.type == "cuda" else "fp32",
-        "torch": str(torch.__version__),
-        "resume": cfg.resume or None,
-    }
-
-
 def resume_config(cfg: Config, given: set[str], checkpoint: dict[str, Any]) -> tuple[Config, Path]:
-    """The checkpoint's config with the flags the user typed (never a run-defining one changed), and the folder
-    the resumed run writes to."""
+    """The checkpoint's config with the flags typed (never a run-defining one changed), and the run's folder:
+    its own, unless --out-dir branches it into a new one. Never a folder that another run has taken over."""
     known = {f.name for f in dataclasses.fields(Config)}
     saved = Config(**{k: v for k, v in checkpoint["config"].items() if k in known})
     for name in RUN_DEFINING:
         was, now = getattr(saved, name), getattr(cfg, name)
         if name in given and now != was:
+            flag = _flag(name)
             trained = (
-                f"{'with' if was else 'without'} {_flag(name)}"
-                if isinstance(was, bool)
-                else f"with {_flag(name)} {was}, not {now}"
+                f"{'with' if was else 'without'} {flag}" if isinstance(was, bool) else f"with {flag} {was}, not {now}"
             )
             raise GanError(f"checkpoint {cfg.resume} was trained {trained}; drop the flag to continue that run")
-    merged = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given})
-    done = checkpoint["epoch"]
-    if checkpoint["step"] == 0 and done >= merged.epochs:
-        raise GanError(
-            f"checkpoint {cfg.resume} has already trained {done} epochs; "
-            f"pass --epochs N with N > {done} to train further"
-        )
+    merged, state = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given}), state_of(checkpoint)
+    if state.epoch >= merged.epochs and not evaluation_pending(merged, state):
+        raise GanError(f"checkpoint {cfg.resume} has already trained {plural(state.epoch, 'epoch')}; pass --epochs N "
+                       f"with N > {state.epoch} to train further")  # fmt: skip
     resume_path = Path(cfg.resume)
     own_dir = resume_path.parent.parent if resume_path.parent.name == "checkpoints" else Path(saved.out_dir)
     if "out_dir" in given and Path(cfg.out_dir).resolve() != own_dir.resolve():
-        run_dir = Path(cfg.out_dir)  # branching the run into a new folder
-        check_new_run_dir(run_dir)
-        return merged, run_dir
+        check_new_run_dir(Path(cfg.out_dir))  # branching the run into a new folder: a run of its own from now on
+        checkpoint["run_id"] = os.urandom(8).hex()
+        return merged, Path(cfg.out_dir)
+    branch = "pass --out-dir NEW to branch it into a new folder"
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        other = json.loads((own_dir / "config.json").read_text()).get("run_id")
+        if state.run_id and other and other != state.run_id:
+            raise GanError(f"{own_dir} now holds another run than checkpoint {cfg.resume}; {branch}")
     last = own_dir / "checkpoints" / "last.pt"
     if last.exists() and last.resolve() != resume_path.resolve():
-        latest = load_checkpoint(last, CHECKPOINT_FORMAT)
-        if (latest["epoch"], latest["step"]) > (done, checkpoint["step"]):
-            raise GanError(
-                f"{own_dir} has trained past this checkpoint (to epoch {latest['epoch']}); "
-                "resuming from it there would overwrite that: pass --out-dir NEW to branch into a new folder"
-            )
+        latest = state_of(load_checkpoint(last, CHECKPOINT_FORMAT))
+        if state.run_id and latest.run_id not in ("", state.run_id):
+            raise GanError(f"{own_dir} now holds another run than checkpoint {cfg.resume}; {branch}")
+        if (latest.epoch, latest.step) > (state.epoch, state.step):
+            raise GanError(f"{own_dir} has trained past this checkpoint (to epoch {latest.epoch}); resuming from it "
+                           f"there would overwrite that: {branch}")  # fmt: skip
     return merged, own_dir
+
+
+def state_of(checkpoint: dict[str, Any]) -> RunState:
+    return RunState(**{f.name: checkpoint[f.name] for f in dataclasses.fields(RunState)})
 
 
 def restore(nets: Nets, ckpt: dict[str, Any], cfg: Config, device: torch.device, data_rng: torch.Generator) -> RunState:
@@ -733,7 +664,7 @@ def restore(nets: Nets, ckpt: dict[str, Any], cfg: Config, device: torch.device,
         nets.opt_d.load_state_dict(ckpt["opt_d"])
     except (RuntimeError, KeyError, ValueError) as exc:
         raise GanError(f"checkpoint {cfg.resume} does not fit this model: {str(exc).splitlines()[0]}") from exc
-    state = RunState(**{f.name: ckpt[f.name] for f in dataclasses.fields(RunState)})
+    state = state_of(ckpt)
     torch.set_rng_state(state.rng["torch"])
     if device.type == "cuda" and state.rng["cuda"] is not None:
         torch.cuda.set_rng_state(state.rng["cuda"], device)
@@ -744,22 +675,17 @@ def restore(nets: Nets, ckpt: dict[str, Any], cfg: Config, device: torch.device,
 def check_finite(means: list[float], epoch: int, cfg: Config, ckpt_dir: Path) -> None:
     if not all(math.isfinite(v) for v in means):
         kept = ckpt_dir / "last.pt"
-        kept_note = f"the last good checkpoint {kept} is kept" if kept.exists() else "no checkpoint was written"
-        raise GanError(
-            f"training diverged in epoch {epoch} (d_loss {means[0]}, g_loss {means[1]}); "
-            f"{kept_note}; try a lower --lr than {cfg.lr:g}"
-        )
+        kept = f"the last good checkpoint {kept} is kept" if kept.exists() else "no checkpoint was written"
+        raise GanError(f"training diverged in epoch {epoch} (d_loss {means[0]}, g_loss {means[1]}); {kept}; "
+                       f"try a lower --lr than {cfg.lr:g}")  # fmt: skip
 
 
 # ================================================================================== checkpoint files
 
 
-CHECKPOINT_FORMAT = "gan_mnist.checkpoint"
-GENERATOR_FORMAT = "gan_mnist.generator"
-JUDGE_FORMAT = "gan_mnist.judge"
+CHECKPOINT_FORMAT, GENERATOR_FORMAT, JUDGE_FORMAT = "gan_mnist.checkpoint", "gan_mnist.generator", "gan_mnist.judge"
 FORMAT_VERSION = 1
-
-# The fields of each file format and their types (as annotations are written): a file with the right tag but a
+# The fields of each file format and their types, as annotations write them: a file with the right tag but a
 # missing or mistyped field is refused in one line, before anything is built from it.
 NETS_FIELDS = {"generator": "dict", "discriminator": "dict", "ema": "dict | None", "ema_updates": "Tensor",
                "opt_g": "dict", "opt_d": "dict"}  # fmt: skip
@@ -769,20 +695,17 @@ SCHEMAS: dict[str, dict[str, str]] = {
     JUDGE_FORMAT: {"state_dict": "dict", "sha256": "str", "test_accuracy": "float", "train_images": "int"},
 }
 RNG_PARTS = {"torch": "Tensor", "cuda": "Tensor | None", "data": "Tensor"}
-KINDS = {"int": int, "float": (int, float), "str": str, "bool": bool, "list": list, "dict": dict, "Tensor": Tensor,
-         "None": type(None)}  # fmt: skip
+KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,), "dict": (dict,),
+         "Tensor": (Tensor,), "None": (type(None),)}  # fmt: skip
 
 
 def type_problem(obj: dict[str, Any], types: dict[str, str], what: str = "field", required: bool = True) -> str | None:
-    """What is missing or of the wrong type in `obj`, given the type (as written in an annotation) of each key."""
+    """What is missing or of the wrong type in `obj`, given the type (as an annotation writes it) of each key."""
     for key, written in types.items():
-        if key not in obj:
-            if required:
-                return f"its {what} {key!r} is missing"
-            continue
-        kinds = [KINDS[name.strip()] for name in written.split("|")]
-        allowed = tuple(k for kind in kinds for k in (kind if isinstance(kind, tuple) else (kind,)))
-        if not isinstance(obj[key], allowed) or isinstance(obj[key], bool) and bool not in allowed:
+        if key not in obj and required:
+            return f"its {what} {key!r} is missing"
+        allowed = tuple(kind for name in written.split("|") for kind in KINDS[name.strip()])
+        if key in obj and (not isinstance(obj[key], allowed) or isinstance(obj[key], bool) and bool not in allowed):
             return f"its {what} {key!r} is {obj[key]!r:.40}, not {written}"
     return None
 
@@ -794,9 +717,7 @@ def schema_problem(obj: dict[str, Any]) -> str | None:
     if obj["format"] == GENERATOR_FORMAT:
         if not 0 < obj["latent_dim"] <= 4096:
             return f"latent_dim {obj['latent_dim']} is outside 1..4096"
-        if obj["num_classes"] not in (0, NUM_CLASSES):
-            return f"num_classes {obj['num_classes']} is neither 0 nor {NUM_CLASSES}"
-        return None
+        return None if obj["num_classes"] in (0, NUM_CLASSES) else f"num_classes {obj['num_classes']} is not 0 or 10"
     if obj["epoch"] < 0 or obj["step"] < 0:
         return f"epoch {obj['epoch']} / step {obj['step']} is negative"
     problem = type_problem(obj["rng"], RNG_PARTS, "random-number state")
@@ -806,17 +727,15 @@ def schema_problem(obj: dict[str, Any]) -> str | None:
 
 
 def config_problem(saved: dict[str, Any]) -> str | None:
-    """What is wrong with a config read from a file: a mistyped value, a setting this gan_mnist does not have,
-    or a value check_config refuses."""
+    """What is wrong with a config read from a file: a mistyped value, a setting this version does not have, or a
+    value check_config refuses."""
     types = {f.name: f.type for f in dataclasses.fields(Config)}
     problem = type_problem(saved, types, "config value", required=False)
-    if problem:
-        return problem
-    unknown = [f"{k}={v!r}" for k, v in saved.items() if k not in types and v not in (0, 0.0, False, "", None)]
-    if unknown:  # e.g. a stabiliser removed since: resuming without it would change the maths silently
-        return f"it was trained with {', '.join(unknown)}, which this version of gan_mnist does not have"
+    unknown = [f"{k}={v!r}" for k, v in saved.items() if k not in types and v not in (0, False, "", None)]
+    if not problem and unknown:  # e.g. a stabiliser removed since: resuming without it would change the maths
+        problem = f"it was trained with {', '.join(unknown)}, which this version of gan_mnist does not have"
     known = {k: v for k, v in saved.items() if k in types and k != "threads"}  # threads: another machine's CPUs
-    problem = check_config(dataclasses.replace(Config(), **known))
+    problem = problem or check_config(dataclasses.replace(Config(), **known))
     return f"its config is invalid ({problem})" if problem else None
 
 
@@ -824,23 +743,12 @@ def checkpoint_dict(run: Run) -> dict[str, Any]:
     nets, state = run.nets, run.state
     state.rng["torch"] = torch.get_rng_state()
     state.rng["cuda"] = torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "version": FORMAT_VERSION,
-        "torch_version": str(torch.__version__),
-        "config": dataclasses.asdict(run.cfg),
-        **{f.name: getattr(state, f.name) for f in dataclasses.fields(RunState)},
-        "generator": nets.G.state_dict(),
-        "discriminator": nets.D.state_dict(),
-        "ema": None if nets.ema is None else nets.ema.state_dict(),
-        "ema_updates": nets.ema_updates.cpu(),
-        "opt_g": nets.opt_g.state_dict(),
-        "opt_d": nets.opt_d.state_dict(),
-    }
-
-
-def save_run_checkpoint(run: Run, *paths: Path) -> None:
-    save_checkpoint(checkpoint_dict(run), *paths)
+    ema = None if nets.ema is None else nets.ema.state_dict()
+    loop = {f.name: getattr(state, f.name) for f in dataclasses.fields(RunState)}
+    return {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "torch_version": str(torch.__version__),
+            "config": dataclasses.asdict(run.cfg), **loop, "generator": nets.G.state_dict(),
+            "discriminator": nets.D.state_dict(), "ema": ema, "ema_updates": nets.ema_updates.cpu(),
+            "opt_g": nets.opt_g.state_dict(), "opt_d": nets.opt_d.state_dict()}  # fmt: skip
 
 
 def save_checkpoint(obj: dict[str, Any], *paths: Path) -> None:
@@ -859,19 +767,16 @@ def load_checkpoint(path: str | Path, *formats: str) -> dict[str, Any]:
         raise GanError(f"checkpoint not found: {path}" if not path.exists() else f"{path} is a folder, not a file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Weights only" in str(exc):
-            raise GanError(
-                f"refusing to load {path}: it holds Python objects that could run code, "
-                "not just weights; gan_mnist never loads such files"
-            ) from None
-        raise GanError(f"cannot read checkpoint {path}: not a PyTorch checkpoint file") from None
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise GanError(f"cannot read checkpoint {path}: truncated or not a PyTorch file ({first})") from None
+        if "Unsupported global" in str(exc):  # what torch's weights-only unpickler says of a code-running object
+            raise GanError(f"refusing to load {path}: it holds Python objects that could run code, not just weights; "
+                           "gan_mnist never loads such files") from None  # fmt: skip
+        raise GanError(f"cannot read checkpoint {path}: truncated, or not a PyTorch file") from None
     if not isinstance(obj, dict) or obj.get("format") not in formats:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise GanError(f"{path} is not a {' or '.join(formats)} file (found {found!r})")
+    if obj["format"] == CHECKPOINT_FORMAT:
+        obj.setdefault("run_id", "")  # saved before runs had ids: its folder alone says whose it is
     problem = schema_problem(obj)
     if problem:
         raise GanError(f"{path} is damaged: {problem}")
@@ -881,30 +786,26 @@ def load_checkpoint(path: str | Path, *formats: str) -> dict[str, Any]:
 def save_generator(path: Path, nets: Nets, epoch: int, **extra: Any) -> None:
     G = nets.sampler()
     meta = {"epoch": epoch, "ema": nets.ema is not None, "latent_dim": G.latent_dim, "num_classes": G.num_classes}
-    save_checkpoint(
-        {"format": GENERATOR_FORMAT, "version": FORMAT_VERSION, **meta, "state_dict": G.state_dict(), **extra}, path
-    )
+    save_checkpoint({"format": GENERATOR_FORMAT, "version": FORMAT_VERSION, **meta, "state_dict": G.state_dict(),
+                     **extra}, path)  # fmt: skip
 
 
 def load_generator(path: str | Path, device: torch.device, raw: bool = False) -> tuple[Generator, dict[str, Any]]:
-    """A Generator from generator.pt or from a full checkpoint (its EMA weights when it has them, unless
-    `raw`)."""
+    """A Generator from generator.pt or a checkpoint (its EMA weights, if it has them, unless `raw`); and the file,
+    its "ema" saying which weights these are."""
     obj = load_checkpoint(path, GENERATOR_FORMAT, CHECKPOINT_FORMAT)
     if obj["format"] == CHECKPOINT_FORMAT:
-        cfg = obj["config"]
-        latent_dim, num_classes = cfg.get("latent_dim", 100), NUM_CLASSES if cfg.get("conditional") else 0
+        latent_dim, classes = obj["config"].get("latent_dim", 100), NUM_CLASSES * obj["config"].get("conditional", 0)
         state_dict = obj["ema"] if obj["ema"] is not None and not raw else obj["generator"]
-        obj["ema"] = obj["ema"] is not None and not raw  # what evaluate reports: which weights these are
+        obj["ema"] = state_dict is obj["ema"]
     else:
-        latent_dim, num_classes, state_dict = obj["latent_dim"], obj["num_classes"], obj["state_dict"]
-    G = Generator(latent_dim, num_classes)
+        latent_dim, classes, state_dict = obj["latent_dim"], obj["num_classes"], obj["state_dict"]
+    G = Generator(latent_dim, classes)
     try:
         G.load_state_dict(state_dict)
     except RuntimeError as exc:
-        raise GanError(
-            f"{path}: generator weights do not fit the recorded shapes "
-            f"(latent_dim {latent_dim}, {num_classes} classes): {str(exc).splitlines()[-1].strip()}"
-        ) from None
+        raise GanError(f"{path}: generator weights do not fit the recorded shapes (latent_dim {latent_dim}, "
+                       f"{classes} classes): {str(exc).splitlines()[-1].strip()}") from None  # fmt: skip
     return G.to(device).eval(), obj
 
 
@@ -916,22 +817,13 @@ JUDGE_FEATURES = 128  # the judge's penultimate layer: FID's feature space
 
 
 class Judge(nn.Module):
-    """A small MNIST classifier: its 128-d penultimate layer is the feature space for FID and
-    precision/recall (MNIST-native, unlike Inception), its softmax gives IS, mode coverage and accuracy."""
+    """A small MNIST classifier: its 128-d penultimate layer is the feature space of FID and precision/recall
+    (MNIST-native, unlike Inception), its softmax gives IS, mode coverage and accuracy."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(32 * 7 * 7, JUDGE_FEATURES),
-            nn.ReLU(),
-        )
+        conv = lambda a, b: [nn.Conv2d(a, b, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]  # noqa: E731
+        self.features = nn.Sequential(*conv(1, 16), *conv(16, 32), nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU())
         self.classifier = nn.Linear(JUDGE_FEATURES, NUM_CLASSES)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -947,54 +839,48 @@ def weights_sha256(state_dict: dict[str, Tensor]) -> str:
 
 
 def train_judge(data_dir: str | Path, quiet: bool = False) -> tuple[Judge, float, int]:
-    """Seeded; 4 epochs with a one-cycle schedule on full MNIST (>= 99% test accuracy, README), and at
-    least 150 steps on a small data folder. Returns the judge, its test accuracy and its training-set size."""
-    images, labels = load_mnist(data_dir, train=True)
-    test_images, test_labels = load_mnist(data_dir, train=False)
-    x = to_model_range(images)
-    batches_per_epoch = math.ceil(len(x) / 128)
-    epochs = max(4, math.ceil(150 / batches_per_epoch))
+    """Seeded; 4 epochs with a one-cycle schedule on full MNIST (>= 99% test accuracy, README), at least 150
+    steps on a small data folder. Returns the judge, its test accuracy and its number of training digits."""
+    (images, labels), (test_images, test_labels) = load_mnist(data_dir), load_mnist(data_dir, train=False)
+    x, batches = to_model_range(images), math.ceil(len(images) / 128)
+    epochs = max(4, math.ceil(150 / batches))
     with torch.random.fork_rng(devices=[]):  # the judge's seed must not shift a training run's noise
         torch.manual_seed(0)
         judge = Judge()
         opt = torch.optim.Adam(judge.parameters(), lr=1e-3)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * batches_per_epoch)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * batches)
         order = torch.Generator().manual_seed(0)
-        judge.train()
-        for _ in tqdm(range(epochs), desc="training the judge network", leave=False, disable=True if quiet else None):
+        for _ in tqdm(range(epochs), desc="training the judge network", leave=False, disable=quiet or None):
             for idx in torch.randperm(len(x), generator=order).split(128):
+                check_stop()
                 loss = F.cross_entropy(judge(x[idx]), labels[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 schedule.step()
-    judge.eval()
-    _, probs = judge_outputs(judge, (to_model_range(c) for c in test_images.split(EVAL_CHUNK)), len(test_images))
+    _, probs = judge_outputs(judge.eval(), (to_model_range(c) for c in test_images.split(EVAL_CHUNK)), len(test_images))
     return judge, float((probs.argmax(1) == test_labels.numpy()).mean()), len(x)
 
 
 def default_judge_path(train_images: Tensor) -> Path:
-    """The user's cache (like torch hub's), not the data folder, which may be read-only or shared; keyed by
-    the training digits, so a judge trained on a subset is never taken for the full set's."""
+    """In the user's cache, not the data folder (which may be read-only or shared), keyed by the training digits:
+    a judge trained on a subset is never taken for the full set's."""
     digest = hashlib.sha256(train_images.cpu().numpy().tobytes()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "gan_mnist" / f"judge-{digest}.pt"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gan_mnist" / f"judge-{digest}.pt"
 
 
-def check_judge_path(path: Path) -> dict[str, Any] | None:
-    """A --judge path the user named may be written only if it does not exist or holds a judge: returns the
-    saved judge (None if there is none yet), or raises a GanError that leaves the file alone."""
-    if not path.exists():
-        return None
+def check_judge_path(path: Path) -> None:
+    """A --judge path the user named is written only if it is new or holds a judge; else a GanError, file untouched."""
     try:
-        return load_checkpoint(path, JUDGE_FORMAT)
+        if path.exists():
+            load_checkpoint(path, JUDGE_FORMAT)
     except GanError as exc:
         raise GanError(f"--judge {path}: {exc}; it is not a gan_mnist judge cache, so it is left as it is") from None
 
 
 def load_or_train_judge(
     path: Path, data_dir: str | Path, quiet: bool = False, owned: bool = True
-) -> tuple[Judge, dict[str, Any]]:
+) -> tuple[Judge, dict]:
     """The judge cached at `path`; trained (about 30 s on 2 CPU cores) when missing, corrupt or tampered. A path
     not `owned` (one the user named) is only written if it is new or already holds a judge."""
     if not owned:
@@ -1014,18 +900,16 @@ def load_or_train_judge(
     elif not quiet:
         print(f"training the judge network for evaluation once (cached at {path})", file=sys.stderr)
     judge, accuracy, num_train = train_judge(data_dir, quiet=quiet)
-    state_dict = judge.state_dict()
-    info = {"sha256": weights_sha256(state_dict), "test_accuracy": accuracy, "train_images": num_train}
+    info = {"sha256": weights_sha256(judge.state_dict()), "test_accuracy": accuracy, "train_images": num_train}
     if accuracy < 0.99:
-        print(
-            f"warning: the judge network reaches only {accuracy:.2%} test accuracy (< 99%): metrics from it are rough",
-            file=sys.stderr,
-        )
+        print(f"warning: the judge network reaches only {accuracy:.2%} test accuracy (< 99%): its metrics are rough",
+              file=sys.stderr)  # fmt: skip
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint({"format": JUDGE_FORMAT, "version": FORMAT_VERSION, "state_dict": state_dict, **info}, path)
+        save_checkpoint({"format": JUDGE_FORMAT, "version": FORMAT_VERSION, "state_dict": judge.state_dict(), **info},
+                        path)  # fmt: skip
     except (GanError, OSError) as exc:  # a read-only cache costs a retrain next time, nothing more
-        hint = "" if not owned else "; pass --judge PATH to cache it elsewhere"
+        hint = "; pass --judge PATH to cache it elsewhere" if owned else ""
         print(f"note: the judge network is not cached ({exc}){hint}", file=sys.stderr)
     return judge, info
 
@@ -1039,6 +923,7 @@ def judge_outputs(judge: Judge, images: Tensor | Iterable[Tensor], num: int = 0)
     feats, probs = (torch.empty(num, n, dtype=torch.float64) for n in (JUDGE_FEATURES, NUM_CLASSES))
     start = 0
     for x in chunks:  # filled in place: no second copy for a concatenation
+        check_stop()
         h = judge.features(x.float().cpu())
         feats[start : start + len(h)] = h
         probs[start : start + len(h)] = F.softmax(judge.classifier(h).double(), dim=1)
@@ -1063,11 +948,13 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def distances(queries: Tensor, bank: Tensor, chunk: int = EVAL_CHUNK) -> Iterator[Tensor]:
-    """Euclidean distances from each chunk of query rows to every bank row, by matrix products
-    (|q|^2 + |b|^2 - 2 q.b): 10,000 x 60,000 digits in a few seconds, about 60 MB at a time."""
-    bank_sq = bank.square().sum(1)
+    """Euclidean distances from each chunk of query rows to every bank row, by matrix products (|q|^2 + |b|^2 -
+    2 q.b), into one buffer that each chunk reuses: a heap of freed chunk-sized blocks would grow by ~500 MB."""
+    bank_sq, buffer = bank.square().sum(1), torch.empty(min(chunk, len(queries)), len(bank))
     for q in queries.split(chunk):
-        yield (q.square().sum(1, keepdim=True) + bank_sq[None] - 2 * q @ bank.T).clamp_min_(0).sqrt_()
+        check_stop()
+        d = torch.addmm(bank_sq, q, bank.T, alpha=-2, out=buffer[: len(q)])
+        yield d.add_(q.square().sum(1, keepdim=True)).clamp_min_(0).sqrt_()
 
 
 def nearest(queries: Tensor, bank: Tensor, k: int = 1, chunk: int = EVAL_CHUNK) -> tuple[Tensor, Tensor]:
@@ -1087,53 +974,40 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
 
 
 def sample_metrics(feats: np.ndarray, probs: np.ndarray, ref_feats: np.ndarray) -> dict[str, Any]:
-    eps = 1e-12
-    p_y = probs.mean(0)
+    eps, p_y = 1e-12, probs.mean(0)
     inception = float(np.exp((probs * (np.log(probs + eps) - np.log(p_y + eps))).sum(1).mean()))
     hist = np.bincount(probs.argmax(1), minlength=NUM_CLASSES) / len(probs)
     nonzero = hist > 0
     enough = min(len(feats), len(ref_feats)) > 3  # k-NN radii need k + 1 = 4 points
     precision, recall = precision_recall(ref_feats, feats) if enough else (None, None)
-    return {
-        "fid": frechet_distance(feats, ref_feats),
-        "inception_score": inception,
-        "modes_covered": int((hist >= 0.02).sum()),
-        "class_histogram": [round(float(h), 4) for h in hist],
-        "kl_to_uniform": float((hist[nonzero] * np.log(hist[nonzero] * NUM_CLASSES)).sum()),
-        "precision": precision,
-        "recall": recall,
-    }
+    return {"fid": frechet_distance(feats, ref_feats), "inception_score": inception,
+            "modes_covered": int((hist >= 0.02).sum()), "class_histogram": [round(float(h), 4) for h in hist],
+            "kl_to_uniform": float((hist[nonzero] * np.log(hist[nonzero] * NUM_CLASSES)).sum()),
+            "precision": precision, "recall": recall}  # fmt: skip
 
 
 def memorisation(evaluator: Evaluator, images: Tensor, feats: np.ndarray | None = None) -> dict[str, Any]:
-    """Does G copy its training digits? For each generated digit, the distance to its nearest training digit
-    (in pixels and in judge features), against the same for real test digits, which G never saw. A ratio near 1:
-    samples sit no closer to the training set than new real digits do; far below 1: copying. A near-copy is a
-    sample closer (in pixels) than 99% of test digits are to their nearest training digit: about 1% of samples
-    for a generator that does not copy. `feats`: the images' judge features, if already computed."""
-    started = time.perf_counter()
+    """Does G copy its training digits? The distance of each sample to its nearest training digit, in pixels and
+    in judge features, against the same for test digits, which G never saw: a median ratio near 1 means no
+    copying. A near-copy is closer (in pixels) than 99% of test digits are: about 1% of a non-copying G's samples.
+    `feats`: the images' judge features, if already computed."""
+    started, n, judge = time.perf_counter(), len(images), evaluator.judge
     train = to_model_range(evaluator.train_images).flatten(1)
-    test = to_model_range(evaluator.test_images[: len(images)]).flatten(1)
-    fake_px, _ = nearest(images.float().flatten(1), train)
-    test_px, _ = nearest(test, train)
-    train_feats = torch.from_numpy(judge_outputs(evaluator.judge, train.view(-1, *IMAGE_SHAPE))[0]).float()
-    feats = judge_outputs(evaluator.judge, images)[0] if feats is None else feats
-    fake_ft, _ = nearest(torch.from_numpy(feats).float(), train_feats)
-    test_ft, _ = nearest(torch.from_numpy(evaluator.test_feats[: len(images)]).float(), train_feats)
-    threshold = torch.quantile(test_px[:, 0], 0.01).item()
-    return {
-        "pixel_nearest_median": fake_px.median().item(),
-        "pixel_nearest_median_test": test_px.median().item(),
-        "pixel_ratio": fake_px.median().item() / test_px.median().item(),
-        "feature_nearest_median": fake_ft.median().item(),
-        "feature_nearest_median_test": test_ft.median().item(),
-        "feature_ratio": fake_ft.median().item() / test_ft.median().item(),
-        "near_copy_threshold": threshold,
-        "near_copy_share": (fake_px[:, 0] < threshold).float().mean().item(),
-        "num_samples": len(images),
-        "num_test": len(test),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+    feats = judge_outputs(judge, images)[0] if feats is None else feats
+    train_feats = torch.from_numpy(judge_outputs(judge, train.view(-1, *IMAGE_SHAPE))[0]).float()
+    out: dict[str, Any] = {}
+    for space, fake, test, bank in (
+        ("pixel", images.float().flatten(1), to_model_range(evaluator.test_images[:n]).flatten(1), train),
+        ("feature", torch.from_numpy(feats).float(), torch.from_numpy(evaluator.test_feats[:n]).float(), train_feats),
+    ):
+        fake_d, test_d = nearest(fake, bank)[0][:, 0], nearest(test, bank)[0][:, 0]
+        fake_m, test_m = fake_d.median().item(), test_d.median().item()
+        out.update({f"{space}_nearest_median": fake_m, f"{space}_nearest_median_test": test_m,
+                    f"{space}_ratio": fake_m / test_m})  # fmt: skip
+        if space == "pixel":
+            threshold = torch.quantile(test_d, 0.01).item()
+            out.update(near_copy_threshold=threshold, near_copy_share=(fake_d < threshold).float().mean().item())
+    return {**out, "num_samples": n, "num_test": len(test), "seconds": round(time.perf_counter() - started, 2)}
 
 
 def nearest_picture(path: Path, images: Tensor, train_images: Tensor, rows: int = 8, k: int = 5) -> None:
@@ -1146,36 +1020,28 @@ def nearest_picture(path: Path, images: Tensor, train_images: Tensor, rows: int 
 
 
 class Evaluator:
-    """Everything evaluation needs that does not depend on the generator, computed once: the judge, the
-    test digits' features, and the real-data floor (training digits scored against test digits)."""
+    """What evaluation needs that does not depend on the generator, computed once: the judge, the test digits'
+    features, and the real-data floor (training digits scored against the test digits). `train_images` and
+    `test_images`: a training run's copies (uint8), saving a second read of MNIST."""
 
-    def __init__(
-        self,
-        data_dir: str | Path,
-        judge_path: str | Path | None,
-        num: int,
-        quiet: bool = False,
-        train_images: Tensor | None = None,  # the trainer's copies (uint8), saving a second read of MNIST
-        test_images: Tensor | None = None,
-    ) -> None:
+    def __init__(self, data_dir: str | Path, judge_path: str | Path | None, num: int, quiet: bool = False,
+                 train_images: Tensor | None = None, test_images: Tensor | None = None) -> None:  # fmt: skip
         self.num = num
         self.train_images = load_mnist(data_dir, train=True)[0] if train_images is None else train_images
         path = Path(judge_path) if judge_path else default_judge_path(self.train_images)
         self.judge, self.judge_info = load_or_train_judge(path, data_dir, quiet, owned=not judge_path)
         self.test_images = load_mnist(data_dir, train=False)[0] if test_images is None else test_images
-        self.test_feats, _ = self._judge_digits(self.test_images)
+        self.test_feats = self._judge_digits(self.test_images)[0]
         # The floor takes longer than an evaluation (k-NN radii of 2 x 10,000 points): cached beside a judge in
         # gan_mnist's own cache, never beside a --judge the user named.
         self.floor = self._floor(None if judge_path else path.with_name(f"{path.stem}.floor-{num}.json"))
 
     def _floor(self, cache: Path | None) -> dict[str, Any]:
-        with contextlib.suppress(OSError, ValueError):
-            cached = json.loads(cache.read_text()) if cache else None
-            if isinstance(cached, dict) and cached.get("judge_sha256") == self.judge_info["sha256"]:
-                floor = cached.get("floor")
-                numbers = ("fid", "inception_score", "kl_to_uniform", "modes_covered")
-                if isinstance(floor, dict) and not type_problem(floor, dict.fromkeys(numbers, "float")):
-                    return floor
+        numbers = dict.fromkeys(("fid", "inception_score", "kl_to_uniform", "modes_covered"), "float")
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):  # unusable: recompute
+            cached = json.loads(cache.read_text())
+            if cached["judge_sha256"] == self.judge_info["sha256"] and not type_problem(cached["floor"], numbers):
+                return cached["floor"]
         floor = sample_metrics(*self._judge_digits(self.train_images[: self.num].cpu()), self.test_feats)
         if cache is not None:
             with contextlib.suppress(GanError):  # an unwritable cache costs the computation next time, no more
@@ -1188,8 +1054,8 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self, G: nn.Module, seed: int = 0) -> dict[str, Any]:
-        """Scores `num` digits drawn from G (for a conditional G, an equal share of each digit). Each chunk is
-        judged as it is drawn: a training run never holds all `num` images."""
+        """Scores `num` digits drawn from G (for a conditional G, an equal share of each digit), each chunk judged
+        as it is drawn: a training run never holds all `num` images."""
         started = time.perf_counter()
         return self._metrics(*judge_outputs(self.judge, self._draw(G, seed), self.num), self._labels(G), started)
 
@@ -1205,61 +1071,57 @@ class Evaluator:
 
     @torch.no_grad()
     def _draw(self, G: nn.Module, seed: int) -> Iterator[Tensor]:
-        device = next(G.parameters()).device
-        noise_rng = torch.Generator().manual_seed(seed)  # its own stream: never shifts a training run's noise
-        z, labels = torch.randn(self.num, G.latent_dim, generator=noise_rng), self._labels(G)
+        device, labels = next(G.parameters()).device, self._labels(G)
+        z = torch.randn(self.num, G.latent_dim, generator=torch.Generator().manual_seed(seed))  # never shifts training
         was_training = G.training
         G.eval()
         try:
-            for start in range(0, self.num, EVAL_CHUNK):
-                zc = z[start : start + EVAL_CHUNK].to(device)
-                yield G(zc, None if labels is None else labels[start : start + EVAL_CHUNK].to(device)).float().cpu()
+            for s in range(0, self.num, EVAL_CHUNK):
+                y = None if labels is None else labels[s : s + EVAL_CHUNK].to(device)
+                yield G(z[s : s + EVAL_CHUNK].to(device), y).float().cpu()
         finally:
             G.train(was_training)
 
     def score(self, images: Tensor, labels: Tensor | None = None, memorise: bool = False) -> dict[str, Any]:
-        """Metrics of any images in [-1, 1] against the test digits; per-digit accuracy if labels are given, and
-        the memorisation check if asked."""
+        """Metrics of any images in [-1, 1]: per-digit accuracy if labels are given, the memorisation check if asked."""
         started = time.perf_counter()
         feats, probs = judge_outputs(self.judge, images)
         metrics = self._metrics(feats, probs, labels, started)
-        if memorise:
-            metrics["memorisation"] = memorisation(self, images, feats)
-        return metrics
+        return {**metrics, "memorisation": memorisation(self, images, feats)} if memorise else metrics
 
     def _metrics(self, feats: np.ndarray, probs: np.ndarray, labels: Tensor | None, started: float) -> dict[str, Any]:
         metrics = sample_metrics(feats, probs, self.test_feats)
         if labels is not None:
             read = probs.argmax(1)
             metrics["digit_accuracy"] = [float((read[labels.numpy() == k] == k).mean()) for k in range(NUM_CLASSES)]
-        metrics.update(num_samples=len(feats), real_floor=self.floor, judge=self.judge_info)
-        metrics["seconds"] = round(time.perf_counter() - started, 2)
-        return metrics
+        seconds = round(time.perf_counter() - started, 2)
+        return {**metrics, "num_samples": len(feats), "real_floor": self.floor, "judge": self.judge_info,
+                "seconds": seconds}  # fmt: skip
 
 
 METRIC_COLUMNS = ("epoch", "fid", "inception_score", "modes_covered", "kl_to_uniform", "precision", "recall")
-METRIC_PANELS = [
-    ("FID on judge features (lower is better)", [("fid", "FID")]),
-    ("score", [("inception_score", "Inception Score (max 10)")]),
-]
 
 
 def metrics_line(m: dict[str, Any]) -> str:
     digits = f", weakest digit read as asked {min(m['digit_accuracy']):.3f}" if "digit_accuracy" in m else ""
-    return (
-        f"FID {m['fid']:.2f} (real digits {m['real_floor']['fid']:.2f}), IS {m['inception_score']:.2f} "
-        f"(real {m['real_floor']['inception_score']:.2f}), modes {m['modes_covered']}/10, KL to uniform "
-        f"{m['kl_to_uniform']:.3f}, precision {m['precision']:.3f}, recall {m['recall']:.3f}{digits}"
-    )
+    return (f"FID {m['fid']:.2f} (real digits {m['real_floor']['fid']:.2f}), IS {m['inception_score']:.2f} (real "
+            f"{m['real_floor']['inception_score']:.2f}), modes {m['modes_covered']}/10, KL to uniform "
+            f"{m['kl_to_uniform']:.3f}, precision {m['precision']:.3f}, recall {m['recall']:.3f}{digits}")  # fmt: skip
 
 
 def evaluate_epoch(run: Run, epoch: int) -> None:
     """Scores the sampling generator now: a row of metrics.csv (kept in the checkpoint, like the loss history),
-    metrics.json and metrics.png; a new lowest FID is kept as generator_best.pt."""
+    metrics.json and metrics.png; a new lowest FID is kept as generator_best.pt. A stop signal ends it at once:
+    the run saves, and the evaluation is redone at the resume."""
     cfg, state = run.cfg, run.state
-    if run.evaluator is None:
-        run.evaluator = Evaluator(cfg.data_dir, cfg.judge, cfg.eval_num, cfg.quiet, run.train_images, run.test_images)
-    metrics = run.evaluator(run.nets.sampler(), seed=cfg.seed)
+    try:
+        if run.evaluator is None:
+            run.evaluator = Evaluator(cfg.data_dir, cfg.judge, cfg.eval_num, cfg.quiet, run.train_images,
+                                      run.test_images)  # fmt: skip
+        metrics = run.evaluator(run.nets.sampler(), seed=cfg.seed)
+    except Interrupted:
+        print(f"           evaluation of epoch {epoch} stopped: it is redone when the run resumes")
+        return
     row = {"epoch": epoch, **{c: metrics[c] for c in METRIC_COLUMNS[1:]}}
     if "digit_accuracy" in metrics:
         accuracy = metrics["digit_accuracy"]
@@ -1268,66 +1130,59 @@ def evaluate_epoch(run: Run, epoch: int) -> None:
     if state.best is None or metrics["fid"] < state.best["fid"]:
         state.best = {"epoch": epoch, "fid": metrics["fid"]}
         save_generator(run.dir / "generator_best.pt", run.nets, epoch, fid=metrics["fid"])
-    write_metrics_csv(run.dir, state.metrics)
+    write_csv(run.dir / "metrics.csv", state.metrics, [c for c in METRIC_COLUMNS + DIGIT_COLUMNS if c in row])
     write_json(run.dir / "metrics.json", {"epoch": epoch, **metrics, "best": state.best})
     # FID falls from hundreds to a few units: on a log scale the late epochs, where a run gains or decays, show.
-    plot_curves(run.dir / "metrics.png", state.metrics, METRIC_PANELS, log_y=(METRIC_PANELS[0][0],))
+    panels = [("FID on judge features (lower is better)", [("fid", "FID")]), ("score", [("inception_score", "IS")])]
+    plot_curves(run.dir / "metrics.png", state.metrics, panels, log_y=(panels[0][0],))
     run.log({f"metrics/{k}": v for k, v in row.items() if k != "epoch"}, epoch)
-    early = epoch <= 10 and metrics["fid"] > 50
-    print(
-        f"           {metrics_line(metrics)}  ({metrics['seconds']:.1f}s)"
-        + ("  [early FIDs in the hundreds are normal: watch the trend]" if early else ""),
-        flush=True,
-    )
-
-
-def write_metrics_csv(run_dir: Path, rows: list[dict[str, float]]) -> None:
-    columns = [c for c in (*METRIC_COLUMNS, "digit_accuracy_min", "digit_accuracy_mean") if c in rows[0]]
-    text = ",".join(columns) + "\n" + "".join(",".join(f"{r[c]:.6g}" for c in columns) + "\n" for r in rows)
-    atomic_write(run_dir / "metrics.csv", lambda f: f.write(text.encode()))
+    early = "  [early FIDs in the hundreds are normal: watch the trend]" if epoch <= 10 and metrics["fid"] > 50 else ""
+    print(f"           {metrics_line(metrics)}  ({metrics['seconds']:.1f}s){early}", flush=True)
 
 
 # =========================================================================================== outputs
 
 
-def _torchvision() -> Any:
-    """torchvision, imported on first use: its import takes about 3 s, which --help or a usage error need not."""
-    import torchvision
-
-    return torchvision
+DIGIT_COLUMNS = ("digit_accuracy_min", "digit_accuracy_mean")
 
 
-def save_grid(images: Tensor, f: IO[bytes], nrow: int) -> None:
-    """A PNG grid of images in [-1, 1]: -1 is black (0), +1 white (255), as MNIST's own digits."""
-    _torchvision().utils.save_image(images, f, format="png", nrow=nrow, normalize=True, value_range=(-1, 1))
+def write_csv(path: Path, rows: list[dict[str, float]], columns: Iterable[str]) -> None:
+    """losses.csv and metrics.csv: epochs as integers, the rest to 6 significant digits."""
+    columns = list(columns)
+    lines = [",".join(columns)] + [
+        ",".join(f"{r[c]:.6g}" if c != "epoch" else str(r[c]) for c in columns) for r in rows
+    ]
+    atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
 
 def grid_image(images: Tensor, nrow: int, scale: int = 1) -> Image.Image:
-    """A grid as a PIL image, each digit scaled up K times by nearest neighbour (no blur)."""
+    """A grid as a PIL image: -1 black (0), +1 white (255), as MNIST's own digits; each digit scaled up K times
+    by nearest neighbour (no blur)."""
+    import torchvision  # imported on first use: its import takes about 3 s, which --help need not wait for
+
     if scale > 1:
         images = F.interpolate(images.float(), scale_factor=scale, mode="nearest")
-    grid = _torchvision().utils.make_grid(images, nrow=nrow, normalize=True, value_range=(-1, 1), padding=2 * scale)
-    return Image.fromarray(grid.mul(255).round().clamp(0, 255).byte()[0].numpy(), mode="L")
+    grid = torchvision.utils.make_grid(
+        images.float(), nrow=nrow, normalize=True, value_range=(-1, 1), padding=2 * scale
+    )
+    return Image.fromarray(grid.mul(255).add_(0.5).clamp_(0, 255).byte()[0].numpy(), mode="L")
 
 
 @torch.no_grad()
-def save_samples(G: Generator, noise: Tensor, labels: Tensor | None, path: Path) -> Tensor:
+def save_samples(G: Generator, noise: Tensor, labels: Tensor | None, path: Path) -> Image.Image:
     """A grid of G's images for fixed noise, in eval mode: 8 x 8, or one row per digit if conditional."""
     was_training = G.training
-    G.eval()
-    images = G(noise, labels)
+    grid = grid_image(G.eval()(noise, labels), 10 if labels is not None else 8)
     G.train(was_training)
-    atomic_write(path, lambda f: save_grid(images, f, 10 if labels is not None else 8))
-    return images
+    atomic_write(path, lambda f: grid.save(f, "PNG"))
+    return grid
 
 
 def sample_epoch(run: Run, epoch: int) -> None:
     """The fixed-noise grid of this epoch, to samples/ and TensorBoard."""
-    images = save_samples(run.nets.sampler(), *run.fixed, run.dir / "samples" / f"epoch_{epoch:04d}.png")
+    grid = save_samples(run.nets.sampler(), *run.fixed, run.dir / "samples" / f"epoch_{epoch:04d}.png")
     if run.tb is not None:
-        nrow = 10 if run.cfg.conditional else 8
-        grid = _torchvision().utils.make_grid(images, nrow=nrow, normalize=True, value_range=(-1, 1))
-        run.tb.add_image("samples/fixed_noise", grid, epoch)
+        run.tb.add_image("samples/fixed_noise", np.asarray(grid), epoch, dataformats="HW")
 
 
 def open_tensorboard(run: Run) -> None:
@@ -1337,12 +1192,15 @@ def open_tensorboard(run: Run) -> None:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
     except ImportError:
+        raise GanError("TensorBoard logging needs the tensorboard package: pip install tensorboard "
+                       "(or train with --no-tensorboard)") from None  # fmt: skip
+    epoch, config, folder = run.state.epoch, dataclasses.asdict(run.cfg), run.dir / "tensorboard"
+    try:
+        run.tb = SummaryWriter(str(folder), purge_step=epoch + 1 if epoch else None)
+    except OSError as exc:
         raise GanError(
-            "TensorBoard logging needs the tensorboard package: pip install tensorboard "
-            "(or train with --no-tensorboard)"
+            f"cannot write TensorBoard logs to {folder}: {exc.strerror or exc} (--no-tensorboard: none)"
         ) from None
-    epoch, config = run.state.epoch, dataclasses.asdict(run.cfg)
-    run.tb = SummaryWriter(str(run.dir / "tensorboard"), purge_step=epoch + 1 if epoch else None)
     if epoch == 0 and run.state.step == 0:
         shown = {k: v for k, v in config.items() if not k.endswith("dir") and k != "resume"}
         for summary in hparams(shown, {"metrics/fid": 0.0, "metrics/inception_score": 0.0}):
@@ -1350,41 +1208,35 @@ def open_tensorboard(run: Run) -> None:
         run.tb.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
 
 
-def write_losses(run_dir: Path, history: list[dict[str, float]], plot: bool) -> None:
-    lines = [",".join(LOSS_COLUMNS)]
-    lines += [",".join(str(int(r[c])) if c == "epoch" else f"{r[c]:.6f}" for c in LOSS_COLUMNS) for r in history]
-    atomic_write(run_dir / "losses.csv", lambda f: f.write(("\n".join(lines) + "\n").encode()))
-    if plot and history:
-        panels = [
-            ("loss", [("d_loss", "D loss"), ("g_loss", "G loss")]),
-            ("mean D output", [("d_x", "D(x), real"), ("d_g_z", "D(G(z)), fake")]),
-        ]
-        plot_curves(run_dir / "losses.png", history, panels)
+def write_losses(run: Run, plot: bool) -> None:
+    write_csv(run.dir / "losses.csv", run.state.history, LOSS_COLUMNS)
+    if plot and run.state.history:
+        panels = [("loss", [("d_loss", "D loss"), ("g_loss", "G loss")]),
+                  ("mean D output", [("d_x", "D(x), real"), ("d_g_z", "D(G(z)), fake")])]  # fmt: skip
+        plot_curves(run.dir / "losses.png", run.state.history, panels)
 
 
 def plot_curves(
-    path: Path, rows: list[dict[str, Any]], panels: list[tuple[str, list[tuple[str, str]]]], log_y: tuple[str, ...] = ()
+    path: Path, rows: list[dict], panels: list[tuple[str, list[tuple[str, str]]]], log_y: tuple = ()
 ) -> None:
     """One panel per (y label, series); the panels named in `log_y` on a log scale."""
     import matplotlib
-    import matplotlib.ticker
+    import matplotlib.ticker as ticker
 
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    epochs = [r["epoch"] for r in rows]
     for ax, (ylabel, series) in zip(axes[0], panels):
         for key, label in series:
-            ax.plot(epochs, [r[key] for r in rows], marker="o" if len(rows) < 30 else None, ms=3, label=label)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set_ylabel(ylabel)
+            marker = "o" if len(rows) < 30 else None
+            ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], marker=marker, ms=3, label=label)
+        ax.set(xlabel="epoch", ylabel=ylabel, yscale="log" if ylabel in log_y else "linear")
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         if ylabel in log_y:
-            ax.set_yscale("log")
-            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
-            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+            ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.grid(alpha=0.3, which="both")
         ax.legend()
     fig.tight_layout()
@@ -1399,27 +1251,24 @@ def save_gif(path: Path, frames: list[Image.Image], duration: int) -> None:
                                                 loop=0))  # fmt: skip
 
 
-def read_frame(path: Path) -> Image.Image | None:
-    """A sample grid as a GIF frame; None if it is unreadable (truncated by a crash, damaged by hand)."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("P")
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-
-
 def write_gif(run_dir: Path) -> None:
-    grids = own_files(run_dir / "samples", "epoch_", ".png")
-    frames = [frame for _, path in grids if (frame := read_frame(path)) is not None]
-    if frames:
-        save_gif(run_dir / "progress.gif", frames, duration=150)
+    """progress.gif of every sample grid; a grid that cannot be read (truncated by a crash) is left out, and after
+    a stop signal the GIF waits for the next run."""
+    frames = []
+    with contextlib.suppress(Interrupted):
+        for _, path in own_files(run_dir / "samples", "epoch_", ".png"):
+            check_stop()
+            with contextlib.suppress(OSError, ValueError, Image.DecompressionBombError), Image.open(path) as image:
+                frames.append(image.convert("P"))
+        if frames:
+            save_gif(run_dir / "progress.gif", frames, duration=150)
 
 
 def write_logs(run: Run, final: bool) -> None:
     """losses.csv every epoch; the plot and the GIF at most every 10 and 30 s (they take a while), and at the end."""
     now = time.monotonic()
     plot = final or now - run.last_plot > 10
-    write_losses(run.dir, run.state.history, plot=plot)
+    write_losses(run, plot=plot)
     run.last_plot = now if plot else run.last_plot
     if final or now - run.last_gif > 30:
         write_gif(run.dir)
@@ -1429,7 +1278,9 @@ def write_logs(run: Run, final: bool) -> None:
 def save_epoch_checkpoint(run: Run, epoch: int) -> None:
     """last.pt every epoch (an epoch_NNNN.pt copy every --checkpoint-every), and generator.pt."""
     periodic = epoch % run.cfg.checkpoint_every == 0 or epoch == run.cfg.epochs
-    save_run_checkpoint(run, run.ckpt_dir / "last.pt", *([run.ckpt_dir / f"epoch_{epoch:04d}.pt"] if periodic else []))
+    save_checkpoint(
+        checkpoint_dict(run), run.ckpt_dir / "last.pt", *[run.ckpt_dir / f"epoch_{epoch:04d}.pt"] * periodic
+    )
     if periodic:
         prune_checkpoints(run.ckpt_dir, run.cfg.keep_checkpoints)
     save_generator(run.dir / "generator.pt", run.nets, epoch)
@@ -1456,11 +1307,10 @@ $figures
 
 
 def write_summary(run: Run, status: str) -> Path:
-    """summary.html in the run folder: one self-contained page (relative links only) with the config, the last
-    and best grids, the GIF, the curves, the metrics table and the commands that resume or sample the run."""
-    state, cfg, esc = run.state, run.cfg, html.escape
+    """summary.html: one self-contained page (relative links only) with the config, the last and best grids, the
+    GIF, the curves, the metrics table and the commands that resume or sample the run."""
+    state, cfg, esc, best = run.state, run.cfg, html.escape, run.state.best
     grids = own_files(run.dir / "samples", "epoch_", ".png")
-    best = state.best
     pictures = [
         (grids[-1][1].relative_to(run.dir).as_posix() if grids else "", f"fixed-noise samples, epoch {state.epoch}"),
         (f"samples/epoch_{best['epoch']:04d}.png" if best else "", "the best FID: generator_best.pt"),
@@ -1473,65 +1323,59 @@ def write_summary(run: Run, status: str) -> Path:
     columns = [c for c in METRIC_COLUMNS if state.metrics and c in state.metrics[0]]
     rows = "".join("<tr>" + "".join(f"<td>{row[c]:.4g}</td>" for c in columns) + "</tr>" for row in state.metrics)
     more = cfg.epochs + 100 if state.epoch == cfg.epochs else cfg.epochs  # a stopped run first finishes
-    generator = run.dir / ("generator_best.pt" if best else "generator.pt")
+    generator, ckpt = run.dir / ("generator_best.pt" if best else "generator.pt"), run.dir / "generator.pt"
     commands = [
         ["python", "gan_mnist.py", "--resume", run.ckpt_dir / "last.pt", "--epochs", more],
         ["python", "gan_mnist.py", "generate", "--checkpoint", generator, "--out", "digits.png", "--scale", 2],
-        ["python", "gan_mnist.py", "evaluate", "--checkpoint", run.dir / "generator.pt", "--data-dir", cfg.data_dir],
-        ["python", "gan_mnist.py", "interpolate", "--checkpoint", run.dir / "generator.pt", "--out", "walk.gif"],
-    ] + ([["tensorboard", "--logdir", run.dir.parent]] if cfg.tensorboard else [])
+        ["python", "gan_mnist.py", "evaluate", "--checkpoint", ckpt, "--data-dir", cfg.data_dir],
+        ["python", "gan_mnist.py", "interpolate", "--checkpoint", ckpt, "--out", "walk.gif"],
+    ] + [["tensorboard", "--logdir", run.dir.parent]] * cfg.tensorboard
     line = f"{status}. Recipe {cfg.recipe}, seed {cfg.seed}, {state.epoch} of {cfg.epochs} epochs."
-    if best:
-        line += f" Best FID {best['fid']:.2f} at epoch {best['epoch']} (judge reference: MNIST test digits)."
-    page = SUMMARY_PAGE.substitute(
-        name=esc(run.dir.name),
-        status=esc(line),
-        figures=figures,
-        header="".join(f"<th>{c}</th>" for c in columns),
-        metrics=rows,
-        commands=esc("\n".join(shell_command(c) for c in commands)),
-        config="".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in dataclasses.asdict(cfg).items()),
+    line += (
+        f" Best FID {best['fid']:.2f} at epoch {best['epoch']} (judge reference: MNIST test digits)." if best else ""
     )
-    path = run.dir / "summary.html"
-    atomic_write(path, lambda f: f.write(page.encode()))
-    return path
+    config = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in dataclasses.asdict(cfg).items())
+    page = SUMMARY_PAGE.substitute(name=esc(run.dir.name), status=esc(line), figures=figures, metrics=rows,
+                                   header="".join(f"<th>{c}</th>" for c in columns), config=config,
+                                   commands=esc("\n".join(shell_command(c) for c in commands)))  # fmt: skip
+    atomic_write(run.dir / "summary.html", lambda f: f.write(page.encode()))
+    return run.dir / "summary.html"
 
 
 def shell_command(words: list[Any]) -> str:
-    """A command line that pastes into a shell as it is: every word quoted where it needs to be."""
+    """A command line that pastes into a shell as it is: each word quoted where it needs to be."""
     return " ".join(shlex.quote(str(w)) for w in words)
 
 
-def finish_run(run: Run, interrupted: int) -> Result:
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def finish_run(run: Run, signum: int) -> Result:
     """The last plot and GIF, the summary page, and what to do next: resume after a signal, or the results."""
-    state, ckpt = run.state, run.ckpt_dir / "last.pt"
-    write_losses(run.dir, state.history, plot=True)
+    state, ckpt, cfg = run.state, run.ckpt_dir / "last.pt", run.cfg
+    finished, pending = state.epoch == cfg.epochs, evaluation_pending(cfg, state)
+    write_losses(run, plot=True)
     write_gif(run.dir)
     if run.tb is not None:
         run.tb.close()
-    finished = state.epoch == run.cfg.epochs
-    summary = write_summary(run, f"finished {state.epoch} epochs" if finished else f"stopped at epoch {state.epoch}")
-    if interrupted:
-        name = signal.Signals(interrupted).name
-        if finished:  # the signal came after the last step (while writing outputs)
-            print(f"\n{name}: the run had finished all {state.epoch} epochs; saved {ckpt}", file=sys.stderr)
-        else:
-            resume = shell_command(["python", "gan_mnist.py", "--resume", ckpt.resolve(), "--epochs", run.cfg.epochs])
-            print(
-                f"\n{name}: stopped at epoch {state.epoch + 1} step {state.step}; saved {ckpt}. Resume with: {resume}",
-                file=sys.stderr,
-                flush=True,
-            )
-        return Result(128 + interrupted, run.dir, state.history)
-    total = sum(row["seconds"] for row in state.history)
-    print(
-        f"done: {state.epoch} epochs ({total:.0f}s of training) -> {run.dir}/ "
-        "(samples/, progress.gif, losses.png, generator.pt, checkpoints/)",
-        flush=True,
+    summary = write_summary(
+        run, f"finished {plural(state.epoch, 'epoch')}" if finished else f"stopped at epoch {state.epoch}"
     )
+    if signum:
+        name = signal.Signals(signum).name
+        if finished and not pending:  # the signal came after the last step, while the outputs were written
+            print(f"\n{name}: the run had finished all {plural(state.epoch, 'epoch')}; saved {ckpt}", file=sys.stderr)
+            return Result(128 + signum, run.dir, state.history)
+        where = f"in epoch {state.epoch}'s evaluation" if pending else f"at epoch {state.epoch + 1} step {state.step}"
+        resume = shell_command(["python", "gan_mnist.py", "--resume", ckpt, "--epochs", cfg.epochs])
+        print(f"\n{name}: stopped {where}; saved {ckpt}. Resume with: {resume}", file=sys.stderr, flush=True)
+        return Result(128 + signum, run.dir, state.history)
+    total = sum(row["seconds"] for row in state.history)
+    print(f"done: {plural(state.epoch, 'epoch')} ({total:.0f}s of training) -> {run.dir}/ (samples/, progress.gif, "
+          "losses.png, generator.pt, checkpoints/)")  # fmt: skip
     if state.best is not None:
-        best = state.best
-        print(f"best: epoch {best['epoch']} (FID {best['fid']:.2f}) -> {run.dir / 'generator_best.pt'}", flush=True)
+        print(f"best: epoch {state.best['epoch']} (FID {state.best['fid']:.2f}) -> {run.dir / 'generator_best.pt'}")
     print(f"summary: {summary}", flush=True)
     return Result(0, run.dir, state.history)
 
@@ -1541,6 +1385,14 @@ def finish_run(run: Run, interrupted: int) -> Result:
 
 class GanError(Exception):
     """A problem the user can fix: reported as one line on stderr with a non-zero exit, no traceback."""
+
+
+class Interrupted(BaseException):
+    """A stop signal, raised where the work can simply be redone (or abandoned, outside training)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -1553,7 +1405,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as exc:
+    except BaseException as exc:  # a signal too: commands turn SIGTERM into an exception, so this runs
         with contextlib.suppress(OSError):  # on a read-only folder there is nothing to remove
             tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
@@ -1570,75 +1422,75 @@ def make_folder(folder: Path, what: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GanError(f"cannot create {what}: {exc.strerror or exc}") from exc
-    if not folder.is_dir():
-        raise GanError(f"cannot create {what}: a file of that name is in the way")
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class StopSignal:
-    """Turns Ctrl-C / SIGTERM / SIGHUP into a flag the loop checks between steps, so the run stops at a clean
-    point and saves. Held until the run's last output is written: a second signal is ignored, the save
-    finishes. A signal ignored at the start (nohup) stays ignored."""
+    """Turns Ctrl-C / SIGTERM / SIGHUP into a flag the loop checks between steps, so the run stops at a clean point
+    and saves; long phases (the judge, an evaluation, the GIF) check it too (check_stop). A second signal is
+    ignored, the save finishes. A signal ignored when the run started (nohup) stays ignored."""
+
+    active: StopSignal | None = None  # the one the running loop holds
 
     def __init__(self) -> None:
-        self.signum = 0
-        self._old: dict[int, Any] = {}
+        self.signum, self._old = 0, {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = self.signum or signum
 
     def __enter__(self) -> StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-                if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+        for sig in STOP_SIGNALS:
+            with contextlib.suppress(ValueError):  # signals can only be caught in the main thread
+                if signal.getsignal(sig) is not signal.SIG_IGN:
                     self._old[sig] = signal.signal(sig, self._handle)
+        StopSignal.active = self
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        StopSignal.active = None
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
 
 
-try:  # advisory file locks; absent on Windows, where a second run on one folder is not detected
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
+def check_stop() -> None:
+    """In a long phase of a training run: raises Interrupted once a stop signal has come."""
+    if StopSignal.active is not None and StopSignal.active.signum:
+        raise Interrupted(StopSignal.active.signum)
 
 
-class RunLock:
-    """An exclusive lock on <run>/.lock held while training: a second process on the same folder is refused.
-    The OS drops the lock when the process dies, so a crashed run never leaves it stuck."""
+LOCK = ".gan_mnist.lock"  # a name of its own: a user's `.lock` in the folder is never written over
 
-    def __init__(self, run_dir: Path) -> None:
-        self.path, self.file = run_dir / ".lock", None
 
-    def __enter__(self) -> RunLock:
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """An exclusive lock on the run folder while training: a second process on it is refused. The OS drops the
+    lock when the process dies, so a crashed run never leaves it stuck."""
+    try:
+        lock = open(run_dir / LOCK, "a+")  # noqa: SIM115 (closed by the `with` below, after the checks)
+    except OSError as exc:
+        raise GanError(f"cannot write to the run folder {run_dir}: {exc.strerror}") from exc
+    with lock:  # closing releases the lock; the file stays, harmless
         try:
-            self.file = open(self.path, "a+")
-        except OSError as exc:
-            raise GanError(f"cannot write to the run folder {self.path.parent}: {exc.strerror}") from exc
-        if fcntl is not None:
-            try:
-                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                self.file.seek(0)
-                owner = self.file.read().strip() or "another process"
-                self.file.close()
-                raise GanError(
-                    f"{self.path.parent} is in use by a training run ({owner}); wait for it or choose another --out-dir"
-                ) from None
+            if os.name == "posix":  # no fcntl on Windows: a second run there is not detected
+                import fcntl
+
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            owner = lock.read().strip() or "another process"
+            raise GanError(
+                f"{run_dir} is in use by a training run ({owner}); wait for it or choose another --out-dir"
+            ) from None
         try:
-            self.file.seek(0)
-            self.file.truncate()
-            self.file.write(f"pid {os.getpid()}")
-            self.file.flush()
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"pid {os.getpid()}")
+            lock.flush()
         except OSError as exc:  # a full disk
-            self.file.close()
-            raise GanError(f"cannot write to the run folder {self.path.parent}: {exc.strerror or exc}") from None
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.file is not None:
-            self.file.close()  # closing releases the lock; the file stays, harmless
+            raise GanError(f"cannot write to the run folder {run_dir}: {exc.strerror or exc}") from None
+        yield
 
 
 def holds_run(folder: Path) -> bool:
@@ -1657,24 +1509,21 @@ def check_new_run_dir(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise GanError(f"--out-dir {folder} is a file, not a folder")
     if holds_run(folder):
-        raise GanError(
-            f"{folder} already holds a run; resume it with --resume "
-            f"{folder / 'checkpoints' / 'last.pt'}, or choose another --out-dir"
-        )
+        last = folder / "checkpoints" / "last.pt"
+        raise GanError(f"{folder} already holds a run; resume it with --resume {last}, or choose another --out-dir")
     found = [name for name in RUN_OUTPUTS if (folder / name).exists()]
     if found:
-        raise GanError(
-            f"{folder} already holds results of gan_mnist ({', '.join(found[:4])}); choose another --out-dir "
-            "(a new run starts only in a new or empty folder, or one without gan_mnist's outputs)"
-        )
+        raise GanError(f"{folder} already holds results of gan_mnist ({', '.join(found[:4])}); choose another "
+                       "--out-dir (a new run starts only in a folder without gan_mnist's outputs)")  # fmt: skip
 
 
 def new_run_dir() -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    make_folder(Path("outputs"), "the folder outputs/")
     for n in range(1, 1000):
         candidate = Path("outputs") / (f"run-{stamp}" if n == 1 else f"run-{stamp}-{n}")
         try:
-            candidate.mkdir(parents=True, exist_ok=False)  # exist_ok=False: two starts never share a folder
+            candidate.mkdir()  # exist_ok=False: two starts never share a folder
             return candidate
         except FileExistsError:
             continue
@@ -1691,42 +1540,36 @@ def prepare_run_folder(run: Run, resumed: bool) -> None:
             raise GanError(f"{folder} is a link; gan_mnist keeps a run's files in real folders inside the run folder")
         make_folder(folder, f"the folder {folder}")
     remove_stale_temporaries(run.dir)
-    write_json(run.dir / "config.json", {**dataclasses.asdict(run.cfg), "invocations": run.state.invocations})
+    config = {**dataclasses.asdict(run.cfg), "run_id": run.state.run_id, "invocations": run.state.invocations}
+    write_json(run.dir / "config.json", config)
     if resumed:
-        write_losses(run.dir, run.state.history, plot=False)
-        prune_samples(run.dir / "samples", after_epoch=run.state.epoch)
+        write_losses(run, plot=False)
+        for epoch, png in own_files(run.dir / "samples", "epoch_", ".png"):
+            if epoch > run.state.epoch:
+                png.unlink()
         if run.state.metrics:
-            write_metrics_csv(run.dir, run.state.metrics)
+            write_csv(run.dir / "metrics.csv", run.state.metrics, [c for c in METRIC_COLUMNS + DIGIT_COLUMNS
+                                                                    if c in run.state.metrics[0]])  # fmt: skip
 
 
 def own_files(folder: Path, prefix: str, suffix: str) -> list[tuple[int, Path]]:
     """gan_mnist's numbered files in `folder` (prefix + 4 or more digits + suffix, nothing else), by number:
     a user's `epoch_0002-best.pt` or `epoch_0002 (copy).png` is neither counted nor deleted."""
     pattern = re.compile(re.escape(prefix) + r"(\d{4,})" + re.escape(suffix))
-    found = [(int(m.group(1)), p) for p in folder.glob(f"{prefix}*{suffix}") if (m := pattern.fullmatch(p.name))]
-    return sorted(found)
-
-
-def prune_samples(samples_dir: Path, after_epoch: int) -> None:
-    for epoch, png in own_files(samples_dir, "epoch_", ".png"):
-        if epoch > after_epoch:
-            png.unlink()
+    return sorted((int(m.group(1)), p) for p in folder.glob(f"{prefix}*{suffix}") if (m := pattern.fullmatch(p.name)))
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    if keep > 0:
-        for _, old in own_files(ckpt_dir, "epoch_", ".pt")[:-keep]:
-            old.unlink()
+    for _, old in own_files(ckpt_dir, "epoch_", ".pt")[:-keep] if keep else []:
+        old.unlink()
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
-    """Temporary files of a process killed mid-write (atomic_write's `.NAME.tmpPID`), for gan_mnist's own
-    names only; the real files beside them are intact."""
-    pattern = re.compile(r"\.(.+)\.tmp\d+")
+    """Temporary files of a process killed mid-write (atomic_write's `.NAME.tmpPID`), of gan_mnist's own names
+    only; the real files beside them are intact."""
     for folder in (run_dir, run_dir / "checkpoints", run_dir / "samples"):
         for tmp in folder.glob(".*.tmp*"):
-            m = pattern.fullmatch(tmp.name)
-            name = m.group(1) if m else ""
+            name = m.group(1) if (m := re.fullmatch(r"\.(.+)\.tmp\d+", tmp.name)) else ""
             if name in RUN_OUTPUTS or re.fullmatch(r"(epoch_\d{4,}|last)\.(pt|png)", name):
                 tmp.unlink(missing_ok=True)
 
@@ -1737,36 +1580,32 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
 
 def load_mnist(data_dir: str | Path, train: bool = True) -> tuple[Tensor, Tensor]:
     """MNIST through torchvision: (uint8 images N x 28 x 28, int64 labels N). Downloads when absent."""
-    root = Path(data_dir)
+    from torchvision.datasets import mnist
+
+    root, raw = Path(data_dir), Path(data_dir) / "MNIST" / "raw"
     if root.exists() and not root.is_dir():
         raise GanError(f"--data-dir {root} is a file, not a folder")
-    raw = root / "MNIST" / "raw"
     if not all((raw / name).is_file() for name in MNIST_FILES):
         new_folders = [d for d in (raw, raw.parent, root) if not d.exists()]
         try:  # torchvision prints each failed mirror; the one line below says it all
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                _torchvision().datasets.MNIST(root, train=train, download=True)
+                mnist.MNIST(root, train=train, download=True)
         except Exception as exc:
             for folder in new_folders:  # a failed download leaves no empty folders behind
                 with contextlib.suppress(OSError):
                     folder.rmdir()
-            reason = str(exc).strip().splitlines()[-1].strip(" <>") if str(exc).strip() else type(exc).__name__
-            raise GanError(
-                f"MNIST is not in {raw} (--data-dir {root}) and could not be downloaded ({reason}); put the four "
-                f"files {', '.join(MNIST_FILES)} (or their .gz) in {raw}, e.g. from "
-                "https://ossci-datasets.s3.amazonaws.com/mnist/, or pass --data-dir DIR where DIR/MNIST/raw holds them"
-            ) from exc
-    try:
-        dataset = _torchvision().datasets.MNIST(root, train=train, download=False)
-        images, labels = dataset.data, dataset.targets
-    except Exception as exc:
-        prefix = "train" if train else "t10k"
-        for name in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
-            try:
-                _torchvision().datasets.mnist.read_sn3_pascalvincent_tensor(str(raw / name))
-            except Exception:
-                raise GanError(f"corrupt MNIST file {raw / name}: truncated or not an IDX file") from exc
-        raise GanError(f"cannot read MNIST in {raw}: {exc}") from exc
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip(" <>")
+            raise GanError(f"MNIST is not in {raw} (--data-dir {root}) and could not be downloaded ({reason}); put the "
+                           f"four files {', '.join(MNIST_FILES)} (or their .gz) in {raw}, e.g. from https://ossci-"
+                           "datasets.s3.amazonaws.com/mnist/, or pass --data-dir DIR where DIR/MNIST/raw holds them"
+                           ) from exc  # fmt: skip
+    tensors = []
+    for name in MNIST_FILES[:2] if train else MNIST_FILES[2:]:  # what torchvision's MNIST reads, file by file
+        try:
+            tensors.append(mnist.read_sn3_pascalvincent_tensor(str(raw / name)))
+        except Exception as exc:
+            raise GanError(f"corrupt MNIST file {raw / name}: truncated or not an IDX file") from exc
+    images, labels = tensors[0], tensors[1].long()
     if images.shape[1:] != (28, 28) or len(images) != len(labels) or labels.min() < 0 or labels.max() >= 10:
         raise GanError(f"corrupt MNIST files in {raw}: images {tuple(images.shape)}, labels {tuple(labels.shape)}")
     return images, labels
@@ -1787,8 +1626,9 @@ class Result:
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
 MAX_EVAL_NUM = 50_000  # digits per evaluation: images and features stay under about 250 MB
-MAX_GRID = 10_000  # digits in one .png grid (a 100 x 100 grid is already 3,000 pixels wide)
+MAX_GRID = 10_000  # digits in one .png grid or one folder
 MAX_NPY = 10_000_000  # digits in one .npy (7.8 GB on disk; written in chunks, memory stays small)
+MAX_PIXELS = 40_000_000  # in one picture, or all frames of a GIF: about 650 MB while it is drawn
 GENERATE_CHUNK = 10_000
 
 
@@ -1797,77 +1637,51 @@ def _flag(name: str) -> str:
 
 
 def _device_arg(text: str) -> str:
-    if text != "auto":
-        try:
-            kind = torch.device(text).type
-        except RuntimeError:
-            kind = None
-        if kind not in ("cpu", "cuda", "mps"):
-            raise argparse.ArgumentTypeError(f"unknown device {text!r} (auto, cpu, cuda, cuda:N, mps)")
-    return text
+    with contextlib.suppress(RuntimeError):
+        if text == "auto" or torch.device(text).type in ("cpu", "cuda", "mps"):
+            return text
+    raise argparse.ArgumentTypeError(f"unknown device {text!r} (auto, cpu, cuda, cuda:N, mps)")
 
 
 def _seed_arg(text: str) -> int:
-    try:
-        seed = int(text)
-    except ValueError:
-        seed = -1
-    if not 0 <= seed <= MAX_SEED:
+    if not re.fullmatch(r"\d+", text.strip()) or int(text) > MAX_SEED:
         raise argparse.ArgumentTypeError(f"--seed must be in 0..{MAX_SEED}")
-    return seed
+    return int(text)
 
 
 def build_train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gan_mnist.py",
-        description="Train a GAN on MNIST. Other commands: generate, evaluate, interpolate "
-        "(see gan_mnist.py generate --help).",
-    )
+    parser = argparse.ArgumentParser(prog="gan_mnist.py", description="Train a GAN on MNIST. Other commands: "
+                                     "generate, evaluate, interpolate (see gan_mnist.py generate --help).")  # fmt: skip
     for f in dataclasses.fields(Config):
-        help_text = f.metadata["help"]
-        if "default" not in help_text:
-            help_text += f" (default: {f.default!r})"
-        # SUPPRESS keeps flags the user did not type out of the namespace, which is how --resume knows
-        # which settings to take from the command line and which from the checkpoint.
+        help_text = f.metadata["help"] + ("" if "default" in f.metadata["help"] else f" (default: {f.default!r})")
+        # SUPPRESS keeps the flags not typed out of the namespace: a resume takes those from the checkpoint.
         if f.type == "bool":  # a flag that is on by default also gets its --no- form
             action = argparse.BooleanOptionalAction if f.default else "store_true"
             parser.add_argument(_flag(f.name), action=action, default=argparse.SUPPRESS, help=help_text)
         else:
             kind = _device_arg if f.name == "device" else {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(
-                _flag(f.name), type=kind, default=argparse.SUPPRESS, help=help_text, metavar=f.metadata.get("metavar")
-            )
+            parser.add_argument(_flag(f.name), type=kind, default=argparse.SUPPRESS, help=help_text,
+                                metavar=f.metadata.get("metavar"))  # fmt: skip
     return parser
 
 
 def check_config(cfg: Config) -> str | None:
-    """Returns what is wrong with a configuration, or None."""
-    rules = [
-        (cfg.epochs > 0, "--epochs must be a positive integer"),
-        (cfg.batch_size > 0, "--batch-size must be a positive integer"),
+    """What is wrong with a configuration, from the command line or a file; None if nothing."""
+    positive = ("epochs", "batch_size", "latent_dim", "r1_every", "sample_every", "checkpoint_every")
+    rules = [(getattr(cfg, name) > 0, f"{_flag(name)} must be a positive integer") for name in positive] + [
         (cfg.lr > 0 and math.isfinite(cfg.lr), "--lr must be a positive number"),
-        (0 <= cfg.b1 < 1, "--b1 must be in [0, 1)"),
-        (0 <= cfg.b2 < 1, "--b2 must be in [0, 1)"),
-        (cfg.latent_dim > 0, "--latent-dim must be a positive integer"),
+        (0 <= cfg.b1 < 1 and 0 <= cfg.b2 < 1, "--b1 and --b2 must be in [0, 1)"),
         (0 <= cfg.ema_decay < 1, "--ema-decay must be in [0, 1)"),
-        (cfg.subset >= 0, "--subset must be >= 0"),
-        (
-            cfg.subset == 0 or cfg.subset >= cfg.batch_size,
-            f"--subset {cfg.subset} is smaller than one batch (--batch-size {cfg.batch_size})",
-        ),
+        (cfg.subset == 0 or cfg.subset >= cfg.batch_size, f"--subset must be 0 or >= --batch-size {cfg.batch_size}"),
         (0 <= cfg.threads <= _cpus(), f"--threads must be 0 (auto) to {_cpus()}, the CPUs this process may use"),
         (0 <= cfg.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED}"),
-        (cfg.sample_every > 0, "--sample-every must be a positive integer"),
-        (cfg.checkpoint_every > 0, "--checkpoint-every must be a positive integer"),
         (cfg.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
         (cfg.eval_every >= -1, "--eval-every must be a positive integer, 0 or -1"),
         (10 <= cfg.eval_num <= MAX_EVAL_NUM, f"--eval-num must be 10 to {MAX_EVAL_NUM}"),
         (cfg.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
         (cfg.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}"),
-        (cfg.r1_gamma >= 0 and math.isfinite(cfg.r1_gamma), "--r1-gamma must be >= 0"),
-        (cfg.r1_every > 0, "--r1-every must be a positive integer"),
+        (0 <= cfg.r1_gamma < math.inf and 0 <= cfg.d_lr < math.inf, "--r1-gamma and --d-lr must be >= 0"),
         (cfg.lr_decay in ("none", "linear"), "--lr-decay must be none or linear"),
-        (cfg.d_lr >= 0 and math.isfinite(cfg.d_lr), "--d-lr must be >= 0"),
     ]
     return next((message for ok, message in rules if not ok), None)
 
@@ -1887,51 +1701,48 @@ def command_generator(args: argparse.Namespace, raw: bool = False) -> tuple[Gene
     """The commands' prologue: the device, the CPU threads, the generator of --checkpoint."""
     device = resolve_device(args.device)
     torch.set_num_threads(auto_threads())
-    G, obj = load_generator(args.checkpoint, device, raw=raw)
-    return G, obj, device
+    return *load_generator(args.checkpoint, device, raw=raw), device
 
 
-def build_generate_parser() -> argparse.ArgumentParser:
+def generate_args(argv: list[str]) -> argparse.Namespace:
     out_help = "FILE.png: a grid image; FILE.npy: uint8 N x 28 x 28; DIR/: one digit_NNNNN.png per digit"
     p = command_parser("generate", "Draw digits from a trained generator.", out_help)
     p.add_argument("--num", type=int, default=64, help="how many digits (default: 64)")
     p.add_argument("--digit", default=None, help="conditional models: 0-9, or 'all' for one row per digit")
     p.add_argument("--scale", type=int, default=1, help="enlarge each digit K times, nearest neighbour (default: 1)")
-    return p
-
-
-def generate_problem(args: argparse.Namespace) -> str | None:
-    limit = MAX_NPY if args.out.lower().endswith(".npy") else MAX_GRID
+    args = p.parse_args(argv)
+    args.to_folder = args.out.endswith(("/", os.sep)) or Path(args.out).is_dir()  # one PNG file per digit
+    kind = "folder" if args.to_folder else Path(args.out).suffix.lower()
+    limit = MAX_NPY if kind == ".npy" else MAX_GRID
+    if kind not in ("folder", ".png", ".npy"):
+        p.error(f"--out {args.out!r}: name a .png or .npy file, or a folder (ending in /)")
     if not 1 <= args.scale <= 32:
-        return "--scale must be 1 to 32"
+        p.error("--scale must be 1 to 32")
     if not 0 < args.num <= limit:
-        return f"--num must be 1 to {limit} for a {Path(args.out).suffix or 'grid'} file"
-    return None
+        p.error(f"--num must be 1 to {limit} for a {kind if kind == 'folder' else kind + ' file'}")
+    if kind == ".png" and args.num * (30 * args.scale) ** 2 > MAX_PIXELS:
+        p.error(f"--num {args.num} at --scale {args.scale} is a picture of over {MAX_PIXELS // 10**6} million pixels")
+    return args
 
 
 def generate_labels(args: argparse.Namespace, G: Generator) -> tuple[Tensor | None, int]:
     """The digit of each image (None: unconditional) and the grid's row width."""
-    digit = args.digit
+    digit, nrow = args.digit, max(1, int(math.sqrt(args.num)))
     if digit is not None and not G.num_classes:
         raise GanError(f"--digit needs a conditional generator; {args.checkpoint} is unconditional")
-    if digit is None and G.num_classes:
-        digit = "all"  # a conditional model draws one row per digit unless asked for one
-    if digit == "all":
-        per_row = math.ceil(args.num / 10)
-        return torch.arange(10).repeat_interleave(per_row), per_row
-    if digit is not None:
-        if digit not in tuple("0123456789"):  # not isdigit(): it accepts '²', which int() refuses
-            raise GanError(f"--digit {digit}: choose a digit 0-9 or 'all'")
-        return torch.full((args.num,), int(digit)), max(1, int(math.sqrt(args.num)))
-    return None, max(1, int(math.sqrt(args.num)))
+    if G.num_classes and digit in (None, "all"):  # a conditional model draws one row per digit unless asked for one
+        per_digit = math.ceil(args.num / 10)
+        if per_digit * 10 != args.num:
+            print(f"note: {plural(per_digit, 'digit')} of each kind, {per_digit * 10} in all (one row per digit)")
+        return torch.arange(10).repeat_interleave(per_digit), per_digit
+    if digit is not None and digit not in tuple("0123456789"):  # not isdigit(): it takes '²', which int() refuses
+        raise GanError(f"--digit {digit}: choose a digit 0-9 or 'all'")
+    return (None if digit is None else torch.full((args.num,), int(digit))), nrow
 
 
 def generate(args: argparse.Namespace) -> Result:
     out = Path(args.out)
-    to_folder = args.out.endswith(("/", os.sep)) or out.is_dir()  # one PNG file per digit
-    if not to_folder and out.suffix.lower() not in (".png", ".npy"):
-        raise GanError(f"--out {out}: the file must end in .png or .npy, or be a folder (ending in /)")
-    if to_folder and out.is_dir() and any(out.iterdir()):
+    if args.to_folder and out.is_dir() and any(out.iterdir()):
         raise GanError(f"--out {out} already holds files; give a new or empty folder for one file per digit")
     G, _, device = command_generator(args)
     torch.manual_seed(args.seed)
@@ -1943,8 +1754,8 @@ def generate(args: argparse.Namespace) -> Result:
         z = torch.randn(count, G.latent_dim).to(device)
         return G(z, None if labels is None else labels[start : start + count].to(device))
 
-    make_folder(out if to_folder else out.parent, f"the folder of --out {out}")
-    if to_folder:
+    make_folder(out if args.to_folder else out.parent, f"the folder of --out {out}")
+    if args.to_folder:
         for i, image in enumerate(draw(0, num)):
             name = f"digit_{i:05d}" + ("" if labels is None else f"_{int(labels[i])}") + ".png"
             atomic_write(out / name, lambda f, image=image: grid_image(image[None], 1, args.scale).save(f, "PNG"))
@@ -1959,64 +1770,51 @@ def generate(args: argparse.Namespace) -> Result:
     else:
         images = draw(0, num)
         atomic_write(out, lambda f: grid_image(images, nrow, args.scale).save(f, "PNG"))
-    print(f"wrote {num} digits to {out}" + (f" (digit_00000.png ... digit_{num - 1:05d}*.png)" if to_folder else ""))
+    files = f" (digit_00000.png ... digit_{num - 1:05d}*.png)" if args.to_folder else ""
+    print(f"wrote {plural(num, 'digit')} to {out}{files}")
     return Result(0, out.parent)
 
 
-def build_evaluate_parser() -> argparse.ArgumentParser:
-    p = command_parser(
-        "evaluate",
-        "Score a generator with an MNIST judge network: prints a summary and writes every metric "
-        "to CHECKPOINT.eval.json beside it (generator.pt -> generator.eval.json).",
-        "metrics file (default: CHECKPOINT with .eval.json)",
-    )
+def evaluate_args(argv: list[str]) -> argparse.Namespace:
+    p = command_parser("evaluate", "Score a generator with an MNIST judge network: prints a summary and writes every "
+                       "metric to CHECKPOINT.eval.json beside it (generator.pt -> generator.eval.json).",
+                       "metrics file (default: CHECKPOINT with .eval.json)")  # fmt: skip
     p.add_argument("--num", type=int, default=10000, help="generated digits to score (default: 10000)")
     p.add_argument("--data-dir", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
     p.add_argument("--judge", default="", metavar="PATH", help=Config.__dataclass_fields__["judge"].metadata["help"])
     p.add_argument("--raw", action="store_true", help="score the raw generator of a checkpoint, not its EMA")
     p.add_argument("--json", action="store_true", help="print the full metrics as one JSON line")
-    p.add_argument(
-        "--nearest", default="", metavar="FILE.png", help="picture: samples beside their nearest training digits"
-    )
-    return p
-
-
-def evaluate_problem(args: argparse.Namespace) -> str | None:
+    p.add_argument("--nearest", default="", metavar="FILE.png", help="samples beside their nearest training digits")
+    args = p.parse_args(argv)
     if not 10 <= args.num <= MAX_EVAL_NUM:  # as --eval-num: FID and the k-NN radii need a sample
-        return f"--num must be 10 to {MAX_EVAL_NUM}"
+        p.error(f"--num must be 10 to {MAX_EVAL_NUM}")
     if args.nearest and not args.nearest.lower().endswith(".png"):
-        return "--nearest must name a .png file"
+        p.error("--nearest must name a .png file")
     if args.out and not args.out.lower().endswith(".json"):
-        return "--out must name a .json file"
-    return None
+        p.error("--out must name a .json file")
+    return args
 
 
 def evaluate_command(args: argparse.Namespace) -> Result:
     # Beside the checkpoint, named after it: never the run's own metrics.json, which training writes.
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".eval.json")
-    in_a_run = out.name in RUN_OUTPUTS and (out.parent / "checkpoints").is_dir()
-    if out.resolve() == Path(args.checkpoint).resolve() or in_a_run:
-        raise GanError(f"--out {out} is a file of the run or the checkpoint itself; name a new .json file")
+    inputs = {Path(p).resolve() for p in (args.checkpoint, args.judge, args.data_dir) if p}
     for path in (out, *([Path(args.nearest)] if args.nearest else [])):  # outputs checked before the work
+        if path.resolve() in inputs or path.name in RUN_OUTPUTS and holds_run(path.parent):
+            raise GanError(f"{path} is an input or a file of a training run; name a new file")
         make_folder(path.parent, f"the folder of {path}")
     G, obj, _ = command_generator(args, raw=args.raw)  # a bad checkpoint fails before any work
     evaluator = Evaluator(args.data_dir, args.judge, args.num)
     images, labels = evaluator.sample(G, seed=args.seed)
-    scores = evaluator.score(images, labels, memorise=True)
     weights = "ema" if obj["ema"] else "raw"
-    metrics = {"checkpoint": str(args.checkpoint), "epoch": obj.get("epoch"), "weights": weights, **scores}
-    copying = metrics["memorisation"]
-    if args.json:
-        print(json.dumps(metrics))
-    else:
-        print(f"{args.checkpoint} (epoch {metrics['epoch']}, {weights} weights), {len(images)} digits: "
-              + metrics_line(metrics))  # fmt: skip
-        print(
-            f"memorisation: nearest training digit {copying['pixel_nearest_median']:.2f} px-distance (median) for "
-            f"samples vs {copying['pixel_nearest_median_test']:.2f} for unseen test digits (ratio "
-            f"{copying['pixel_ratio']:.2f}; judge features {copying['feature_ratio']:.2f}); near-copies "
-            f"{copying['near_copy_share']:.1%} (test digits: 1% by construction)"
-        )
+    metrics = {"checkpoint": str(args.checkpoint), "epoch": obj.get("epoch"), "weights": weights,
+               **evaluator.score(images, labels, memorise=True)}  # fmt: skip
+    m = metrics["memorisation"]
+    print(json.dumps(metrics) if args.json else f"{args.checkpoint} (epoch {metrics['epoch']}, {weights} weights), "
+          f"{len(images)} digits: {metrics_line(metrics)}\nmemorisation: nearest training digit "
+          f"{m['pixel_nearest_median']:.2f} px-distance (median) for samples vs {m['pixel_nearest_median_test']:.2f} "
+          f"for unseen test digits (ratio {m['pixel_ratio']:.2f}; judge features {m['feature_ratio']:.2f}); "
+          f"near-copies {m['near_copy_share']:.1%} (test digits: 1% by construction)", flush=True)  # fmt: skip
     write_json(out, metrics)  # after the summary: a failed write never hides what was measured
     if args.nearest:
         nearest_picture(Path(args.nearest), images, evaluator.train_images)
@@ -2025,44 +1823,44 @@ def evaluate_command(args: argparse.Namespace) -> Result:
     return Result(0, out.parent, metrics=metrics)
 
 
-def build_interpolate_parser() -> argparse.ArgumentParser:
-    p = command_parser(
-        "interpolate",
-        "Walk smoothly through the generator's noise space (spherical interpolation between seeded "
-        "random points): an animated GIF of several walks side by side, or a PNG with one walk per row. For a "
-        "conditional generator, --digits morphs through digits with the noise held fixed.",
-        "walk.gif (animated) or walk.png (one walk per row)",
-    )
+def interpolate_args(argv: list[str]) -> argparse.Namespace:
+    p = command_parser("interpolate", "Walk smoothly through the generator's noise space (spherical interpolation "
+                       "between seeded random points): a GIF of several walks side by side, or a PNG of one walk per "
+                       "row. For a conditional generator, --digits morphs through digits with the noise held fixed.",
+                       "walk.gif (animated) or walk.png (one walk per row)")  # fmt: skip
     p.add_argument("--paths", type=int, default=8, help="walks side by side / rows (default: 8)")
     p.add_argument("--points", type=int, default=0, help="random points each walk passes (default: 4 GIF, 2 PNG)")
     p.add_argument("--frames", type=int, default=0, help="GIF frames / PNG columns (default: 48 GIF, 10 PNG)")
     p.add_argument("--digits", default=None, help="conditional models: digits to morph through, e.g. 0123456789")
     p.add_argument("--scale", type=int, default=0, help="enlarge each digit K times (default: 2 GIF, 1 PNG)")
-    return p
-
-
-def interpolate_problem(args: argparse.Namespace) -> str | None:
+    args = p.parse_args(argv)
     rules = [
         (Path(args.out).suffix.lower() in (".gif", ".png"), "--out must end in .gif or .png"),
         (1 <= args.paths <= 100, "--paths must be 1 to 100"),
         (args.frames == 0 or 2 <= args.frames <= 1000, "--frames must be 2 to 1000"),
         (args.points == 0 or 2 <= args.points <= 100, "--points must be 2 to 100"),
         (0 <= args.scale <= 32, "--scale must be 1 to 32"),
-        (
-            args.digits is None or (len(args.digits) >= 2 and set(args.digits) <= set("0123456789")),
-            "--digits must be two or more of 0-9, e.g. 0123456789",
-        ),
-    ]
-    return next((message for ok, message in rules if not ok), None)
+        (args.digits is None or len(args.digits) >= 2 and set(args.digits) <= set("0123456789"),
+         "--digits must be two or more of 0-9, e.g. 0123456789"),
+    ]  # fmt: skip
+    for ok, message in rules:
+        if not ok:
+            p.error(message)
+    gif = args.gif = Path(args.out).suffix.lower() == ".gif"  # the defaults depend on it
+    steps = (len(args.digits or "") - 1 + gif) * (12 if gif else 3) + (not gif)  # 12 GIF frames per digit, 3 columns
+    args.frames = args.frames or (steps if args.digits else 48 if gif else 10)
+    args.points, args.scale = args.points or (4 if gif else 2), args.scale or (2 if gif else 1)
+    if args.frames * args.paths * (30 * args.scale) ** 2 > MAX_PIXELS:  # frames and --digits both add frames
+        p.error(f"{args.frames} frames of {plural(args.paths, 'walk')} at --scale {args.scale} are over "
+                f"{MAX_PIXELS // 10**6} million pixels; ask for fewer")  # fmt: skip
+    return args
 
 
 def slerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
     """Spherical interpolation between rows of a and b at fractions t (T): T x N x d. Gaussian z of this size
     lie near a sphere, so a straight line between two would pass through unlikely, low-norm noise."""
-    cos = F.cosine_similarity(a, b, dim=-1).clamp(-1, 1)
-    omega = torch.acos(cos)[None, :, None]
-    t = t[:, None, None]
-    sin = torch.sin(omega).clamp_min(1e-6)
+    omega = torch.acos(F.cosine_similarity(a, b, dim=-1).clamp(-1, 1))[None, :, None]
+    t, sin = t[:, None, None], torch.sin(omega).clamp_min(1e-6)
     return torch.sin((1 - t) * omega) / sin * a + torch.sin(t * omega) / sin * b
 
 
@@ -2075,18 +1873,18 @@ def walk_fractions(points: int, frames: int, loop: bool) -> tuple[Tensor, Tensor
 
 
 @torch.no_grad()
-def walk(args: argparse.Namespace, G: Generator, device: torch.device, frames: int, gif: bool) -> Tensor:
-    """frames x paths x 1 x 28 x 28 images along the walks (through --digits, or random points)."""
+def walk(args: argparse.Namespace, G: Generator, device: torch.device) -> Tensor:
+    """frames x paths x 1 x 28 x 28 images along the walks: through --digits, or through random points."""
     rng = torch.Generator().manual_seed(args.seed)
     if args.digits:  # z held fixed per walk; the label embedding moves from digit to digit
         z = torch.randn(args.paths, G.latent_dim, generator=rng).to(device)
         waypoints = G.label_embedding(torch.tensor([int(d) for d in args.digits], device=device))
-        segment, t = walk_fractions(len(args.digits), frames, loop=gif)
+        segment, t = walk_fractions(len(args.digits), args.frames, loop=args.gif)
         vectors = torch.lerp(waypoints[segment], waypoints[(segment + 1) % len(waypoints)], t[:, None].to(device))
         return torch.stack([G.decode(z, v.expand(args.paths, -1)) for v in vectors])
-    points = args.points or (4 if gif else 2)
+    points = args.points
     waypoints = torch.randn(points, args.paths, G.latent_dim, generator=rng).to(device)
-    segment, t = walk_fractions(points, frames, loop=gif)
+    segment, t = walk_fractions(points, args.frames, loop=args.gif)
     t = t.to(device)
     z = torch.stack([slerp(waypoints[s], waypoints[(s + 1) % points], t[i : i + 1])[0] for i, s in enumerate(segment)])
     labels = (torch.arange(args.paths, device=device) % NUM_CLASSES) if G.num_classes else None
@@ -2094,31 +1892,27 @@ def walk(args: argparse.Namespace, G: Generator, device: torch.device, frames: i
 
 
 def interpolate(args: argparse.Namespace) -> Result:
-    out, gif = Path(args.out), Path(args.out).suffix.lower() == ".gif"
-    per_digit = 12 if gif else 3  # frames from one digit to the next with --digits
-    default_frames = (len(args.digits) - (0 if gif else 1)) * per_digit + (0 if gif else 1) if args.digits else 0
-    frames = args.frames or default_frames or (48 if gif else 10)
-    scale = args.scale or (2 if gif else 1)
+    out = Path(args.out)
     G, _, device = command_generator(args)
     if args.digits and not G.num_classes:
         raise GanError(f"--digits needs a conditional generator; {args.checkpoint} is unconditional")
-    images = walk(args, G, device, frames, gif)
+    images = walk(args, G, device)
     make_folder(out.parent, f"the folder of --out {out}")
-    if gif:
+    if args.gif:
         nrow = math.ceil(math.sqrt(args.paths))
-        save_gif(out, [grid_image(frame, nrow, scale).convert("P") for frame in images], duration=80)
+        save_gif(out, [grid_image(frame, nrow, args.scale).convert("P") for frame in images], duration=80)
     else:  # one walk per row
         rows = images.transpose(0, 1).reshape(-1, *IMAGE_SHAPE)
-        atomic_write(out, lambda f: grid_image(rows, frames, scale).save(f, "PNG"))
-    print(f"wrote {args.paths} walk{'s' if args.paths > 1 else ''} of {frames} frames to {out}")
+        atomic_write(out, lambda f: grid_image(rows, args.frames, args.scale).save(f, "PNG"))
+    print(f"wrote {plural(args.paths, 'walk')} of {args.frames} frames to {out}")
     return Result(0, out.parent)
 
 
-# Each command besides training: its parser, what is wrong with its arguments, and what runs it.
-COMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser], Callable, Callable[[argparse.Namespace], Result]]] = {
-    "generate": (build_generate_parser, generate_problem, generate),
-    "evaluate": (build_evaluate_parser, evaluate_problem, evaluate_command),
-    "interpolate": (build_interpolate_parser, interpolate_problem, interpolate),
+# Each command besides training: what reads (and checks) its arguments, and what runs it.
+COMMANDS: dict[str, tuple[Callable[[list[str]], argparse.Namespace], Callable[[argparse.Namespace], Result]]] = {
+    "generate": (generate_args, generate),
+    "evaluate": (evaluate_args, evaluate_command),
+    "interpolate": (interpolate_args, interpolate),
 }
 
 
@@ -2127,12 +1921,8 @@ def main(argv: list[str] | None = None) -> Result:
     usage errors raise SystemExit(2) as argparse does."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
-        build, problem_of, command = COMMANDS[argv[0]]
-        parser = build()
-        args = parser.parse_args(argv[1:])
-        problem = problem_of(args)
-        if problem:
-            parser.error(problem)
+        parse, command = COMMANDS[argv[0]]
+        args = parse(argv[1:])
         run, debug = functools.partial(command, args), args.debug
     else:
         parser = build_train_parser()
@@ -2140,22 +1930,38 @@ def main(argv: list[str] | None = None) -> Result:
         if namespace.get("recipe", Config.recipe) not in RECIPES:
             parser.error(f"--recipe must be one of {', '.join(RECIPES)}")
         cfg = recipe_config(namespace)
-        problem = check_config(cfg)
-        if problem:
-            parser.error(problem)
+        if check_config(cfg):
+            parser.error(check_config(cfg))
         run, debug = functools.partial(train, cfg, set(namespace)), cfg.debug
+    with raising_signals():
+        try:
+            return run()
+        except (GanError, KeyboardInterrupt, Interrupted) as exc:  # a stop outside a training loop: nothing to save
+            if debug:
+                traceback.print_exc()
+            code = 1 if isinstance(exc, GanError) else 128 + getattr(exc, "signum", signal.SIGINT)
+            print(f"gan_mnist: error: {exc}" if code == 1 else "gan_mnist: interrupted", file=sys.stderr, flush=True)
+            return Result(code)
+
+
+@contextlib.contextmanager
+def raising_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP end a command as Ctrl-C does, by an exception: a write in progress removes its temporary
+    file. (Training holds its own StopSignal over its loop.) Signals ignored at the start stay ignored."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    old = {}
+    for sig in STOP_SIGNALS[1:]:
+        with contextlib.suppress(ValueError):  # not the main thread
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                old[sig] = signal.signal(sig, handler)
     try:
-        return run()
-    except GanError as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"gan_mnist: error: {exc}", file=sys.stderr, flush=True)
-        return Result(1)
-    except KeyboardInterrupt:  # Ctrl-C outside a training loop (start-up, generate, evaluate): nothing to save
-        if debug:
-            traceback.print_exc()
-        print("gan_mnist: interrupted", file=sys.stderr, flush=True)
-        return Result(128 + signal.SIGINT)
+        yield
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
 
 
 if __name__ == "__main__":

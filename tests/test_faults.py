@@ -107,11 +107,12 @@ def test_write_error_on_sample_keeps_the_previous_checkpoint(
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     before = last.read_bytes()
 
-    def disk_full(images, fp, nrow):
-        fp.write(b"\x89PNG half")
-        raise OSError(errno.ENOSPC, "No space left on device")
+    class FullDisk:  # a grid whose saving gets halfway, then meets a full disk
+        def save(self, fp, format):
+            fp.write(b"\x89PNG half")
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(gan_mnist, "save_grid", disk_full)
+    monkeypatch.setattr(gan_mnist, "grid_image", lambda *args, **kwargs: FullDisk())
     capsys.readouterr()
     assert gan_mnist.main(["--resume", str(last), "--epochs", "2", "--threads", "1", "--quiet"]).exit_code == 1
     line = one_line_error(capsys.readouterr().err)

@@ -163,10 +163,13 @@ def test_every_stop_signal_saves_and_exits_128_plus_its_number(data_dir: Path, t
     assert proc.returncode == 128 + number, proc.stderr
     assert "Traceback" not in proc.stderr
     assert load(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] >= 1
-    if target == "record_epoch":
-        assert "Resume with: python gan_mnist.py --resume" in proc.stderr
-    else:
-        assert "had finished all 1 epochs" in proc.stderr
+    assert "Resume with: python gan_mnist.py --resume" in proc.stderr
+    if target == "evaluate_epoch":  # stopped within seconds: the end-of-run evaluation is done at the resume
+        assert "stopped in epoch 1's evaluation" in proc.stderr and not (tmp_path / "run" / "metrics.csv").exists()
+        last = tmp_path / "run" / "checkpoints" / "last.pt"
+        assert gan_mnist.main(["--resume", str(last), "--quiet", "--threads", "1"]).exit_code == 0
+        assert (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1].startswith("1,")
+        assert load(last)["metrics"][0]["epoch"] == 1, "the checkpoint records the evaluation done at the resume"
 
 
 @pytest.mark.parametrize("where", ["generate", "evaluate"])
@@ -312,6 +315,12 @@ def test_a_full_disk_at_the_lock_file_is_one_line(train, tmp_path: Path, monkeyp
             class Full:
                 def __getattr__(self, name):
                     return getattr(handle, name)
+
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    handle.close()
 
                 def write(self, text):
                     raise OSError(28, os.strerror(28))
