@@ -536,8 +536,8 @@ def open_run(cfg: Config, given: set[str]) -> Iterator[Run]:
     """The run to train, its folder locked against a second process: a new one, or the checkpoint's on a resume.
     A start that fails before anything was saved removes exactly what it created."""
     checkpoint, run_dir = None, Path(cfg.out_dir) if cfg.out_dir else None
-    if cfg.resume:  # resolved now: `--resume last.pt` from inside checkpoints/ names that run, from anywhere
-        cfg = dataclasses.replace(cfg, resume=str(Path(cfg.resume).resolve()))
+    if cfg.resume:  # absolute now: `--resume last.pt` from inside checkpoints/ names that run (links not followed)
+        cfg = dataclasses.replace(cfg, resume=os.path.abspath(cfg.resume))
         checkpoint = load_checkpoint(cfg.resume, CHECKPOINT_FORMAT)
         cfg, run_dir = resume_config(cfg, given, checkpoint)
     elif run_dir is not None:
@@ -1711,7 +1711,7 @@ def generate_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--digit", default=None, help="conditional models: 0-9, or 'all' for one row per digit")
     p.add_argument("--scale", type=int, default=1, help="enlarge each digit K times, nearest neighbour (default: 1)")
     args = p.parse_args(argv)
-    args.to_folder = args.out.endswith(("/", os.sep)) or Path(args.out).is_dir()  # one PNG file per digit
+    args.to_folder = args.out.endswith(("/", os.sep)) or bool(args.out) and Path(args.out).is_dir()  # a PNG per digit
     kind = "folder" if args.to_folder else Path(args.out).suffix.lower()
     limit = MAX_NPY if kind == ".npy" else MAX_GRID
     if kind not in ("folder", ".png", ".npy"):
