@@ -263,7 +263,9 @@ def train_step(nets: Nets, real: Tensor, labels: Tensor | None, r1: bool = False
     """One alternating GAN step, with the R1 penalty when `r1`. Nothing here reads a value back to the host."""
     G, D, batch = nets.G, nets.D, real.size(0)
     # cache_enabled=False: D's weights change between the two regions, and CUDA graphs need it off.
-    autocast = functools.partial(torch.autocast, real.device.type, torch.bfloat16, nets.bf16, False)
+    autocast = functools.partial(
+        torch.autocast, real.device.type, torch.bfloat16, enabled=nets.bf16, cache_enabled=False
+    )
     d_targets, g_targets = nets.targets(batch)
 
     # (1) Update D: maximise log D(x) + log(1 - D(G(z))). Real and fake go through D as one batch: D has no

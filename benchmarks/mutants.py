@@ -250,7 +250,8 @@ def run_mutant(project: Path, old: str | tuple, new: str | tuple, source: str, t
         started = time.perf_counter()
         try:
             result = subprocess.run(
-                [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                # Its own temporary folder: pytest sessions sharing one prune each other's folders.
+                [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp}/pt", *tests],
                 cwd=copy,
                 capture_output=True,
                 text=True,

@@ -102,6 +102,7 @@ class AlwaysThisDigit(torch.nn.Module):
         return self.digit.expand(len(z), 1, 28, 28)
 
 
+@pytest.mark.slow  # test_round3's conditional evaluate test counts one digit read for all in the default run
 def test_per_digit_accuracy_counts_what_the_judge_reads(data_dir: Path) -> None:
     evaluator = gan_mnist.Evaluator(data_dir, "", num=200, quiet=True)
     images, labels = gan_mnist.load_mnist(data_dir, train=False)

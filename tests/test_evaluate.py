@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,11 @@ def test_judge_is_cached_outside_the_data_folder(evaluator, data_dir: Path) -> N
 
 
 def test_judge_cache_is_reused_and_retrained_when_corrupt(data_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    images, _ = gan_mnist.load_mnist(data_dir)
+    shared = gan_mnist.default_judge_path(images)
+    gan_mnist.load_or_train_judge(shared, data_dir, quiet=True)  # the session's judge (trained once, if not yet)
     path = tmp_path / "judge.pt"
+    shutil.copy(shared, path)
     judge, first = gan_mnist.load_or_train_judge(path, data_dir, quiet=True)
     _, again = gan_mnist.load_or_train_judge(path, data_dir, quiet=True)
     assert again == first, "a valid cache is loaded, not retrained"

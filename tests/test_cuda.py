@@ -1,0 +1,61 @@
+"""The CUDA path, on a machine that has CUDA (skipped elsewhere; benchmarks/gpu_check.sh runs them on a GPU): a
+training step on the GPU, a CUDA checkpoint resumed, and CUDA graphs against eager steps."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load
+
+import gan_mnist
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = ["--device", "cuda"]
+
+
+def test_a_cuda_run_trains_evaluates_and_samples(train, tmp_path: Path) -> None:
+    result = train("run", "--epochs", "2", *CUDA, "--eval-every", "1", "--eval-num", "64")
+    assert result.exit_code == 0
+    ckpt = load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ckpt["rng"]["cuda"] is not None and ckpt["invocations"][0]["device"].startswith("cuda")
+    assert all(torch.isfinite(t).all() for t in ckpt["generator"].values())
+    argv = ["generate", "--checkpoint", str(tmp_path / "run" / "generator.pt"), "--out", str(tmp_path / "d.npy")]
+    assert gan_mnist.main([*argv, *CUDA]).exit_code == 0
+
+
+def test_a_cuda_checkpoint_resumes_exactly_or_within_float_noise(train, tmp_path: Path) -> None:
+    """Bit for bit where cuBLAS picks the same kernels; the stated tolerance covers atomics in backward passes."""
+    assert train("straight", "--epochs", "2", *CUDA).exit_code == 0
+    assert train("split", "--epochs", "1", *CUDA).exit_code == 0
+    last = tmp_path / "split" / "checkpoints" / "last.pt"
+    assert gan_mnist.main(["--resume", str(last), "--epochs", "2", "--quiet"]).exit_code == 0
+    a, b = load(tmp_path / "straight" / "checkpoints" / "last.pt"), load(last)
+    for key in ("generator", "discriminator"):
+        for name, tensor in a[key].items():
+            torch.testing.assert_close(tensor, b[key][name], rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
+
+
+@pytest.mark.parametrize("r1", [False, True])
+def test_cuda_graph_steps_match_eager_steps(data_dir: Path, r1: bool) -> None:
+    """Three eager warm-up steps, then graph replays: the weights after 8 steps match 8 eager steps."""
+    images, _ = gan_mnist.load_mnist(data_dir)
+    device = torch.device("cuda")
+    real = gan_mnist.to_model_range(images[:64], device)
+    weights = []
+    for graph in (False, True):
+        torch.manual_seed(0)
+        cfg = gan_mnist.Config(precision="fp32")
+        nets = gan_mnist.build_nets(cfg, device, capturable=graph)
+        gan_mnist.set_schedule(nets, cfg, 1)
+        step = (
+            gan_mnist.CudaGraphStep(nets, 64, False, device) if graph else functools.partial(gan_mnist.train_step, nets)
+        )
+        for _ in range(8):
+            step(real, None, r1)
+        torch.cuda.synchronize()
+        weights.append([p.detach().clone() for p in nets.G.parameters()])
+    for eager, captured in zip(*weights):
+        torch.testing.assert_close(captured, eager, rtol=1e-4, atol=1e-5)
