@@ -10,6 +10,7 @@ dozens target what a user gets.
     python benchmarks/mutants.py                  # all mutants, about 20-30 minutes on 2 cores
     python benchmarks/mutants.py --only fid,png   # those whose name contains one of these
     python benchmarks/mutants.py --list
+    MUTANTS_DEBUG=1 python benchmarks/mutants.py --only NAME   # also the end of each test run's output
 
 A mutant marked `equivalent` changes no behaviour a user can observe (its reason is given); it is run and
 reported, but not counted in the kill rate.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -258,6 +260,8 @@ def run_mutant(project: Path, old: str | tuple, new: str | tuple, source: str, t
                 timeout=timeout,
             )
             outcome = "survived" if result.returncode == 0 else "killed"
+            if os.environ.get("MUTANTS_DEBUG"):
+                print(result.stdout[-1500:], file=sys.stderr)
         except subprocess.TimeoutExpired:  # undecided, not killed: a slow machine must not flatter the suite
             outcome = "timeout"
         return outcome, time.perf_counter() - started
