@@ -1132,7 +1132,7 @@ def evaluate_epoch(run: Run, epoch: int) -> None:
     if state.best is None or metrics["fid"] < state.best["fid"]:
         state.best = {"epoch": epoch, "fid": metrics["fid"]}
         save_generator(run.dir / "generator_best.pt", run.nets, epoch, fid=metrics["fid"])
-    write_csv(run.dir / "metrics.csv", state.metrics, [c for c in METRIC_COLUMNS + DIGIT_COLUMNS if c in row])
+    write_metrics_csv(run)
     write_json(run.dir / "metrics.json", {"epoch": epoch, **metrics, "best": state.best})
     # FID falls from hundreds to a few units: on a log scale the late epochs, where a run gains or decays, show.
     panels = [("FID on judge features (lower is better)", [("fid", "FID")]), ("score", [("inception_score", "IS")])]
@@ -1146,6 +1146,11 @@ def evaluate_epoch(run: Run, epoch: int) -> None:
 
 
 DIGIT_COLUMNS = ("digit_accuracy_min", "digit_accuracy_mean")
+
+
+def write_metrics_csv(run: Run) -> None:
+    columns = [c for c in METRIC_COLUMNS + DIGIT_COLUMNS if c in run.state.metrics[0]]
+    write_csv(run.dir / "metrics.csv", run.state.metrics, columns)
 
 
 def write_csv(path: Path, rows: list[dict[str, float]], columns: Iterable[str]) -> None:
@@ -1550,8 +1555,7 @@ def prepare_run_folder(run: Run, resumed: bool) -> None:
             if epoch > run.state.epoch:
                 png.unlink()
         if run.state.metrics:
-            write_csv(run.dir / "metrics.csv", run.state.metrics, [c for c in METRIC_COLUMNS + DIGIT_COLUMNS
-                                                                    if c in run.state.metrics[0]])  # fmt: skip
+            write_metrics_csv(run)
 
 
 def own_files(folder: Path, prefix: str, suffix: str) -> list[tuple[int, Path]]:
