@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -71,6 +71,9 @@ class Config:
     b2: float = _f(0.999, "Adam beta2 of both networks")
     latent_dim: int = _f(100, "size of the noise vector z", defining=True)
     conditional: bool = _f(False, "class-conditional GAN: G and D both see the digit label", defining=True)
+    arch: str = _f("mlp", "networks: mlp (the tutorial's) or dcgan (convolutional; presets its recipe)", defining=True)
+    loss: str = _f("bce", "bce (the tutorial's) or wgan-gp (a critic with a gradient penalty; presets its recipe)",
+                   defining=True)  # fmt: skip
     ema_decay: float = _f(0.999, "EMA of G's weights for samples, generate and evaluate (0 = off)", defining=True)
     # the stabilisers: --recipe presets them (RECIPES below); a flag given beside it wins
     recipe: str = _f("stable", "stable: the tutorial's maths plus lazy R1; tutorial: as published", defining=True)
@@ -78,7 +81,9 @@ class Config:
     r1_every: int = _f(8, "apply the R1 penalty every N D steps, its weight scaled by N (lazy R1)", metavar="N")
     lr_decay: str = _f("none", "learning-rate schedule over the run's --epochs: linear (to 0), or none")
     d_lr: float = _f(0.0, "D's Adam learning rate, if not --lr (two time-scale update rule, TTUR)")
-    spectral_norm: bool = _f(False, "spectral normalisation of each of D's linear layers", defining=True)
+    spectral_norm: bool = _f(False, "spectral normalisation of each of D's layers", defining=True)
+    gp_weight: float = _f(0.0, "weight (lambda) of the WGAN-GP gradient penalty at points between real and fake")
+    n_critic: int = _f(1, "D (critic) steps per G step: G trains on every N-th batch", metavar="N")
     # data and run
     data_dir: str = _f("./data", "folder holding MNIST/raw/ (downloaded there when absent)")
     out_dir: str = _f("", "run folder (default: a new outputs/run-YYYYmmdd-HHMMSS)", metavar="DIR")
@@ -105,15 +110,22 @@ class Config:
 RUN_DEFINING = tuple(f.name for f in dataclasses.fields(Config) if f.metadata.get("defining"))
 # What --recipe sets before the flags the user typed (README, 'The default recipe'). "tutorial" is the blog's maths.
 RECIPES: dict[str, dict[str, Any]] = {"stable": {}, "tutorial": {"r1_gamma": 0.0, "lr_decay": "none"}}
+# What --arch and --loss preset (README, 'Which GAN?'); WGAN-GP's are the paper's: lr 1e-4, betas (0.5, 0.9), 5 critic
+# steps, lambda 10, and no R1 beside the gradient penalty.
+ARCH_RECIPES: dict[str, dict[str, Any]] = {"mlp": {}, "dcgan": {}}
+LOSS_RECIPES: dict[str, dict[str, Any]] = {
+    "bce": {}, "wgan-gp": {"lr": 1e-4, "b2": 0.9, "n_critic": 5, "gp_weight": 10.0, "r1_gamma": 0.0}}  # fmt: skip
 # A conditional GAN trains best without R1: the penalty also smooths D's label term (README, 'Conditional GAN').
 CONDITIONAL_RECIPES: dict[str, dict[str, Any]] = {"stable": {"r1_gamma": 0.0}, "tutorial": {}}
 
 
 def recipe_config(flags: dict[str, Any]) -> Config:
-    """Config's defaults, then the recipe's presets (a conditional GAN's own), then the flags the user typed."""
+    """Config's defaults, then the presets of the recipe, the arch, the loss and a conditional GAN, then the flags
+    the user typed."""
     recipe = flags.get("recipe", Config.recipe)
     conditional = CONDITIONAL_RECIPES[recipe] if flags.get("conditional", Config.conditional) else {}
-    return Config(**{**RECIPES[recipe], **conditional, **flags})
+    arch, loss = ARCH_RECIPES[flags.get("arch", Config.arch)], LOSS_RECIPES[flags.get("loss", Config.loss)]
+    return Config(**{**RECIPES[recipe], **arch, **loss, **conditional, **flags})
 
 
 # ============================================================================================== 2. data
@@ -150,16 +162,41 @@ def _mlp(sizes: list[int], last_activation: bool = False) -> list[nn.Module]:
     return layers
 
 
+DCGAN_WIDTH = 32  # channels of the DCGAN's 14 x 14 layer, twice as many at 7 x 7 (64: 2.5x slower, README)
+
+
+def generator_body(arch: str, in_dim: int) -> nn.Sequential:
+    """in_dim -> 1 x 28 x 28 in [-1, 1]: the tutorial's MLP, or a DCGAN (Radford et al. 2016) sized for MNIST."""
+    if arch == "mlp":
+        return nn.Sequential(*_mlp([in_dim, 256, 512, 1024, 784]), nn.Tanh())
+    c = DCGAN_WIDTH  # linear to 2c x 7 x 7, then transposed convolutions up to 14 x 14 and 28 x 28
+    return nn.Sequential(nn.Linear(in_dim, 2 * c * 49, bias=False), nn.Unflatten(1, (2 * c, 7, 7)),
+                         nn.BatchNorm2d(2 * c), nn.ReLU(True), nn.ConvTranspose2d(2 * c, c, 4, 2, 1, bias=False),
+                         nn.BatchNorm2d(c), nn.ReLU(True), nn.ConvTranspose2d(c, 1, 4, 2, 1), nn.Tanh())  # fmt: skip
+
+
+def discriminator_body(arch: str) -> tuple[nn.Sequential, int]:
+    """Image -> features, and their size. No batch norm: R1 and the gradient penalty are per-sample gradients,
+    which batch statistics would mix across the batch (Gulrajani et al. 2017, section 4)."""
+    if arch == "mlp":
+        return nn.Sequential(nn.Flatten(), *_mlp([784, 512, 256], last_activation=True)), 256
+    c = DCGAN_WIDTH  # strided convolutions 28 -> 14 -> 7
+    return nn.Sequential(nn.Conv2d(1, c, 4, 2, 1), nn.LeakyReLU(0.2, True), nn.Conv2d(c, 2 * c, 4, 2, 1),
+                         nn.LeakyReLU(0.2, True), nn.Flatten()), 2 * c * 49  # fmt: skip
+
+
+ARCHS = ("mlp", "dcgan")
+
+
 class Generator(nn.Module):
     """z (+ digit label) -> 1 x 28 x 28 image in [-1, 1]."""
 
-    def __init__(self, latent_dim: int = 100, num_classes: int = 0) -> None:
+    def __init__(self, latent_dim: int = 100, num_classes: int = 0, arch: str = "mlp") -> None:
         super().__init__()
-        self.latent_dim, self.num_classes = latent_dim, num_classes
+        self.latent_dim, self.num_classes, self.arch = latent_dim, num_classes, arch
         # Conditional: the label enters as a learned embedding joined to z.
         self.label_embedding = nn.Embedding(num_classes, LABEL_DIM) if num_classes else None
-        in_dim = latent_dim + (LABEL_DIM if num_classes else 0)
-        self.net = nn.Sequential(*_mlp([in_dim, 256, 512, 1024, 784]), nn.Tanh())
+        self.net = generator_body(arch, latent_dim + (LABEL_DIM if num_classes else 0))
 
     def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         return self.decode(z, None if self.label_embedding is None else self.label_embedding(labels))
@@ -172,16 +209,16 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Image (+ digit label) -> one logit: > 0 means 'real'. The sigmoid lives in the loss."""
+    """Image (+ digit label) -> one logit: > 0 means 'real' (a critic's score under --loss wgan-gp)."""
 
-    def __init__(self, num_classes: int = 0, spectral_norm: bool = False) -> None:
+    def __init__(self, num_classes: int = 0, spectral_norm: bool = False, arch: str = "mlp") -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Flatten(), *_mlp([784, 512, 256], last_activation=True))
-        self.head = nn.Linear(256, 1)
+        self.features, width = discriminator_body(arch)
+        self.head = nn.Linear(width, 1)
         # Conditional: a projection term <embed(y), features(x)> (Miyato & Koyama 2018).
-        self.label_projection = nn.Embedding(num_classes, 256) if num_classes else None
-        if spectral_norm:  # Miyato et al. 2018: each linear map scaled to spectral norm 1
-            for layer in [m for m in self.modules() if isinstance(m, nn.Linear)]:
+        self.label_projection = nn.Embedding(num_classes, width) if num_classes else None
+        if spectral_norm:  # Miyato et al. 2018: each weight matrix scaled to spectral norm 1
+            for layer in [m for m in self.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]:
                 nn.utils.parametrizations.spectral_norm(layer)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -193,6 +230,33 @@ class Discriminator(nn.Module):
 
 
 # ================================================================================= 4. the training step
+
+
+class Loss(NamedTuple):
+    """A GAN loss: D's, of its outputs on [real; fake] (targets 1, then 0); G's, of D's outputs on fake (target 1);
+    and what the logs average of D's outputs, under the names losses.csv gives them."""
+
+    d: Callable[[Tensor, Tensor], Tensor]
+    g: Callable[[Tensor, Tensor], Tensor]
+    output: Callable[[Tensor], Tensor]
+    columns: tuple[str, str]  # D's mean output on real, on fake digits
+    name: str  # what the logs call D: a critic's scores are not probabilities
+
+
+def critic_loss(scores: Tensor, targets: Tensor) -> Tensor:
+    """WGAN (Arjovsky et al. 2017): the critic maximises E[D(real)] - E[D(fake)], an estimate of the distance."""
+    real, fake = scores.chunk(2)
+    return fake.mean() - real.mean()
+
+
+LOSSES = {  # BCE is the tutorial's (G's non-saturating form); WGAN-GP adds its gradient penalty in the step
+    "bce": Loss(
+        F.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, torch.sigmoid, ("d_x", "d_g_z"), "D"
+    ),
+    "wgan-gp": Loss(
+        critic_loss, lambda scores, targets: -scores.mean(), torch.clone, ("critic_real", "critic_fake"), "critic"
+    ),
+}
 
 
 @dataclass
@@ -207,8 +271,10 @@ class Nets:
     ema_decay: float
     stats: Tensor  # running sums of d_loss, g_loss, D(x), D(G(z)) over this epoch's steps
     ema_updates: Tensor  # on the device: the EMA warm-up needs no host value (and can be graph-captured)
+    loss: Loss = LOSSES["bce"]
     bf16: bool = False  # bf16 matmuls under autocast
     r1_weight: float = 0.0  # gamma / 2 * every: lazy R1 applies the whole penalty on one step in `every`
+    gp_weight: float = 0.0  # lambda of the WGAN-GP gradient penalty (0 = off)
     _targets: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def targets(self, batch: int) -> tuple[Tensor, Tensor]:
@@ -220,6 +286,20 @@ class Nets:
 
     def sampler(self) -> Generator:
         return self.ema if self.ema is not None else self.G
+
+    def autocast(self) -> torch.autocast:
+        # cache_enabled=False: D's weights change between the step's two regions, and CUDA graphs need it off.
+        return torch.autocast(self.stats.device.type, torch.bfloat16, enabled=self.bf16, cache_enabled=False)
+
+    def update_ema(self) -> None:
+        """EMA of G's weights, warmed up (decay (1+t)/(10+t) up to ema_decay: early grids are not init noise)."""
+        if self.ema is None:
+            return
+        self.ema_updates += 1
+        decay = ((1 + self.ema_updates) / (10 + self.ema_updates)).clamp(max=self.ema_decay)
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.G.parameters()), 1 - decay)
+        for ema_buffer, buffer in zip(self.ema.buffers(), self.G.buffers()):  # batch norm's running statistics
+            ema_buffer.copy_(buffer)
 
 
 def make_adam(params: Any, cfg: Config, lr: float, capturable: bool = False) -> torch.optim.Adam:
@@ -235,14 +315,15 @@ def make_adam(params: Any, cfg: Config, lr: float, capturable: bool = False) -> 
 
 def build_nets(cfg: Config, device: torch.device, capturable: bool = False) -> Nets:
     classes = NUM_CLASSES if cfg.conditional else 0
-    G, D = Generator(cfg.latent_dim, classes).to(device), Discriminator(classes, cfg.spectral_norm).to(device)
+    G = Generator(cfg.latent_dim, classes, cfg.arch).to(device)
+    D = Discriminator(classes, cfg.spectral_norm, cfg.arch).to(device)
     # The EMA is a copy, not a new Generator: a new one's init would draw from the RNG and shift training.
     ema = copy.deepcopy(G).requires_grad_(False) if cfg.ema_decay > 0 else None
     opt_g = make_adam(G.parameters(), cfg, cfg.lr, capturable)
     opt_d = make_adam(D.parameters(), cfg, cfg.d_lr or cfg.lr, capturable)
     zeros = functools.partial(torch.zeros, device=device)
-    return Nets(G, D, opt_g, opt_d, ema, cfg.ema_decay, zeros(4), zeros(()), use_bf16(cfg.precision, device),
-                r1_weight=cfg.r1_gamma / 2 * cfg.r1_every)  # fmt: skip
+    return Nets(G, D, opt_g, opt_d, ema, cfg.ema_decay, zeros(4), zeros(()), LOSSES[cfg.loss],
+                use_bf16(cfg.precision, device), cfg.r1_gamma / 2 * cfg.r1_every, cfg.gp_weight)  # fmt: skip
 
 
 def set_schedule(nets: Nets, cfg: Config, epoch: int) -> None:
@@ -259,49 +340,53 @@ def set_schedule(nets: Nets, cfg: Config, epoch: int) -> None:
             group["betas"] = (cfg.b1, cfg.b2)  # flags given at a resume win over the saved optimiser settings
 
 
-def train_step(nets: Nets, real: Tensor, labels: Tensor | None, r1: bool = False) -> None:
-    """One alternating GAN step, with the R1 penalty when `r1`. Nothing here reads a value back to the host."""
-    G, D, batch = nets.G, nets.D, real.size(0)
-    # cache_enabled=False: D's weights change between the two regions, and CUDA graphs need it off.
-    autocast = functools.partial(
-        torch.autocast, real.device.type, torch.bfloat16, enabled=nets.bf16, cache_enabled=False
-    )
+def train_step(nets: Nets, real: Tensor, labels: Tensor | None, r1: bool = False, update_g: bool = True) -> None:
+    """One GAN step: D, with the R1 penalty when `r1`, then G unless not `update_g` (a critic takes several steps
+    per G step). Nothing here reads a value back to the host."""
+    G, D, batch, gp = nets.G, nets.D, real.size(0), nets.gp_weight > 0
     d_targets, g_targets = nets.targets(batch)
 
-    # (1) Update D: maximise log D(x) + log(1 - D(G(z))). Real and fake go through D as one batch: D has no
+    # (1) Update D: maximise log D(x) + log(1 - D(G(z))) (BCE). Real and fake go through D as one batch: D has no
     # batch statistics, so this is the mean of the two BCE terms, in one pass instead of two.
-    with autocast():
+    with nets.autocast():
         z = torch.randn(batch, G.latent_dim, device=real.device)
-        fake = G(z, labels)
-        both_labels = None if labels is None else torch.cat([labels, labels])
-        d_in = torch.cat([real, fake.detach()]).requires_grad_(r1)
-        d_logits = D(d_in, both_labels).float()
-    d_loss = F.binary_cross_entropy_with_logits(d_logits, d_targets)
+        with torch.set_grad_enabled(update_g):  # a critic-only step needs no graph through G
+            fake = G(z, labels)
+        d_in = [real, fake.detach()]
+        if gp:  # WGAN-GP's points x_hat on lines from real to fake digits: one alpha per sample, not per pixel
+            d_in.append(torch.lerp(real, fake.detach().to(real.dtype), torch.rand(batch, 1, 1, 1, device=real.device)))
+        d_in = torch.cat(d_in).requires_grad_(r1 or gp)
+        d_logits = D(d_in, None if labels is None else labels.repeat(d_in.size(0) // batch)).float()
+    d_loss = nets.loss.d(d_logits[: 2 * batch], d_targets)
     penalty = d_loss
     if r1:  # R1 (Mescheder et al. 2018): gamma/2 * |grad_x D(x)|^2 at real digits keeps D smooth where data is
         (grad,) = torch.autograd.grad(d_logits[:batch].sum(), d_in, create_graph=True)
-        penalty = d_loss + nets.r1_weight * grad[:batch].float().square().sum(dim=(1, 2, 3)).mean()
+        penalty = penalty + nets.r1_weight * grad[:batch].float().square().sum(dim=(1, 2, 3)).mean()
+    if gp:  # Gulrajani et al. 2017: lambda * (|grad D(x_hat)| - 1)^2, the norm over all of a sample's pixels
+        (grad,) = torch.autograd.grad(d_logits[2 * batch :].sum(), d_in, create_graph=True)
+        penalty = penalty + nets.gp_weight * (grad[2 * batch :].float().flatten(1).norm(dim=1) - 1).square().mean()
     nets.opt_d.zero_grad(set_to_none=True)
     penalty.backward()
     nets.opt_d.step()
 
-    # (2) Update G: non-saturating loss, maximise log D(G(z)). D's weights collect no gradients here.
-    D.requires_grad_(False)
-    with autocast():
-        g_logits = D(fake, labels).float()
-    g_loss = F.binary_cross_entropy_with_logits(g_logits, g_targets)
-    nets.opt_g.zero_grad(set_to_none=True)
-    g_loss.backward()
-    nets.opt_g.step()
-    D.requires_grad_(True)
+    # (2) Update G: non-saturating loss, maximise log D(G(z)) (BCE). D's weights collect no gradients here.
+    if update_g:
+        D.requires_grad_(False)
+        with nets.autocast():
+            g_logits = D(fake, labels).float()
+        g_loss = nets.loss.g(g_logits, g_targets)
+        nets.opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        nets.opt_g.step()
+        D.requires_grad_(True)
+    else:  # for the logs: G's loss against the critic as it was before this step
+        g_loss = nets.loss.g(d_logits[batch : 2 * batch].detach(), g_targets)
 
     with torch.no_grad():
-        if nets.ema is not None:  # warm-up: decay (1+t)/(10+t) up to ema_decay, so early grids are not init noise
-            nets.ema_updates += 1
-            decay = ((1 + nets.ema_updates) / (10 + nets.ema_updates)).clamp(max=nets.ema_decay)
-            torch._foreach_lerp_(list(nets.ema.parameters()), list(G.parameters()), 1 - decay)
-        probs = torch.sigmoid(d_logits)
-        nets.stats += torch.stack([d_loss, g_loss, probs[:batch].mean(), probs[batch:].mean()])
+        if update_g:
+            nets.update_ema()
+        outputs = nets.loss.output(d_logits[: 2 * batch])
+        nets.stats += torch.stack([d_loss, g_loss, outputs[:batch].mean(), outputs[batch:].mean()])
 
 
 # ================================================================================== 5. the epoch loop
@@ -346,7 +431,7 @@ class Run:
     labels: Tensor
     data_rng: torch.Generator  # the data order
     state: RunState
-    step_fn: Callable[[Tensor, Tensor | None, bool], None]  # train_step, or its CUDA graphs
+    step_fn: Callable[[Tensor, Tensor | None, bool, bool], None]  # train_step, or its CUDA graphs
     fixed: tuple[Tensor, Tensor | None]  # the fixed noise and labels, on the device
     train_images: Tensor  # all training digits: the judge's cache key, the memorisation reference
     test_images: Tensor | None = None  # read at the start when the run evaluates: a bad file fails at once
@@ -413,8 +498,9 @@ def train_epoch(run: Run, epoch: int, stop: StopSignal) -> bool:
         if stop.signum:
             break
         idx = batches[i].to(run.device, non_blocking=True)
-        r1 = cfg.r1_gamma > 0 and ((epoch - 1) * len(batches) + i) % cfg.r1_every == 0
-        run.step_fn(to_model_range(run.data[idx]), run.labels[idx] if cfg.conditional else None, r1)
+        done = (epoch - 1) * len(batches) + i  # steps before this one: the lazy R1 and critic schedules
+        r1, update_g = cfg.r1_gamma > 0 and done % cfg.r1_every == 0, done % cfg.n_critic == 0
+        run.step_fn(to_model_range(run.data[idx]), run.labels[idx] if cfg.conditional else None, r1, update_g)
         state.epoch_steps += 1
         state.step = i + 1
         bar.update(1)
@@ -432,7 +518,8 @@ def train_epoch(run: Run, epoch: int, stop: StopSignal) -> bool:
     return False
 
 
-LOSS_COLUMNS = ("epoch", "d_loss", "g_loss", "d_x", "d_g_z", "seconds")
+def loss_columns(cfg: Config) -> tuple[str, ...]:
+    return ("epoch", "d_loss", "g_loss", *LOSSES[cfg.loss].columns, "seconds")
 
 
 def record_epoch(run: Run, epoch: int) -> None:
@@ -440,12 +527,13 @@ def record_epoch(run: Run, epoch: int) -> None:
     state = run.state
     means = (run.nets.stats / state.epoch_steps).tolist()
     check_finite(means, epoch, run.cfg, run.ckpt_dir)
-    state.history.append(dict(zip(LOSS_COLUMNS, [epoch, *means, state.epoch_seconds])))
-    tags = ("loss/D", "loss/G", "D_output/real", "D_output/fake", "speed/seconds_per_epoch")
+    state.history.append(dict(zip(loss_columns(run.cfg), [epoch, *means, state.epoch_seconds])))
+    d = LOSSES[run.cfg.loss].name
+    tags = ("loss/D", "loss/G", f"{d}_output/real", f"{d}_output/fake", "speed/seconds_per_epoch")
     run.log(dict(zip(tags, [*means, state.epoch_seconds])), epoch)
     print(
-        f"epoch {epoch:>4}/{run.cfg.epochs}  d_loss {means[0]:.4f}  g_loss {means[1]:.4f}  D(x) {means[2]:.3f}  "
-        f"D(G(z)) {means[3]:.3f}  {state.epoch_seconds:.1f}s ({state.epoch_steps / state.epoch_seconds:.0f} steps/s)",
+        f"epoch {epoch:>4}/{run.cfg.epochs}  d_loss {means[0]:.4f}  g_loss {means[1]:.4f}  {d}(x) {means[2]:.3f}  "
+        f"{d}(G(z)) {means[3]:.3f}  {state.epoch_seconds:.1f}s ({state.epoch_steps / state.epoch_seconds:.0f} steps/s)",
         flush=True,
     )
     state.epoch, state.step, state.epoch_steps, state.epoch_seconds = epoch, 0, 0, 0.0
@@ -492,7 +580,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 class CudaGraphStep:
-    """train_step captured as CUDA graphs, one per kind of step (with and without the lazy R1 penalty): a few
+    """train_step captured as CUDA graphs, one per kind of step (with or without the lazy R1 penalty, a G update): a few
     eager warm-up steps of each kind on a side stream (real training steps), then capture; every later full
     batch is one graph replay, its noise drawn inside the graph. A smaller last batch runs eagerly."""
 
@@ -500,34 +588,35 @@ class CudaGraphStep:
 
     def __init__(self, nets: Nets, batch_size: int, conditional: bool, device: torch.device) -> None:
         self.nets, self.batch_size = nets, batch_size
-        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
-        self.warmup_left = {False: self.warmup_steps, True: self.warmup_steps}
+        self.graphs: dict[tuple[bool, bool], torch.cuda.CUDAGraph] = {}
+        self.warmup_left: dict[tuple[bool, bool], int] = {}
         self.real = torch.zeros(batch_size, *IMAGE_SHAPE, device=device)
         self.labels = torch.zeros(batch_size, dtype=torch.long, device=device) if conditional else None
         self.side_stream = torch.cuda.Stream(device)
 
-    def __call__(self, real: Tensor, labels: Tensor | None, r1: bool = False) -> None:
+    def __call__(self, real: Tensor, labels: Tensor | None, r1: bool = False, update_g: bool = True) -> None:
         if real.size(0) != self.batch_size:
-            return train_step(self.nets, real, labels, r1)
+            return train_step(self.nets, real, labels, r1, update_g)
         self.real.copy_(real)
         if labels is not None:
             self.labels.copy_(labels)
-        if r1 in self.graphs:
-            self.graphs[r1].replay()
-        elif self.warmup_left[r1] > 0:
-            self.warmup_left[r1] -= 1
+        kind = r1, update_g
+        if kind in self.graphs:
+            self.graphs[kind].replay()
+        elif self.warmup_left.setdefault(kind, self.warmup_steps) > 0:
+            self.warmup_left[kind] -= 1
             self.side_stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side_stream):
-                train_step(self.nets, self.real, self.labels, r1)
+                train_step(self.nets, self.real, self.labels, *kind)
             torch.cuda.current_stream().wait_stream(self.side_stream)
         else:
             # Gradients must be allocated from the graph's private pool, so they start as None.
             self.nets.opt_d.zero_grad(set_to_none=True)
             self.nets.opt_g.zero_grad(set_to_none=True)
-            self.graphs[r1] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graphs[r1]):
-                train_step(self.nets, self.real, self.labels, r1)
-            self.graphs[r1].replay()  # capture records without running: this batch still has to be trained on
+            self.graphs[kind] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graphs[kind]):
+                train_step(self.nets, self.real, self.labels, *kind)
+            self.graphs[kind].replay()  # capture records without running: this batch still has to be trained on
 
 
 # ======================================================================== starting and resuming a run
@@ -693,9 +782,10 @@ NETS_FIELDS = {"generator": "dict", "discriminator": "dict", "ema": "dict | None
                "opt_g": "dict", "opt_d": "dict"}  # fmt: skip
 SCHEMAS: dict[str, dict[str, str]] = {
     CHECKPOINT_FORMAT: {"config": "dict", **{f.name: f.type for f in dataclasses.fields(RunState)}, **NETS_FIELDS},
-    GENERATOR_FORMAT: {"epoch": "int", "ema": "bool", "latent_dim": "int", "num_classes": "int", "state_dict": "dict"},
+    GENERATOR_FORMAT: {"epoch": "int", "ema": "bool", "latent_dim": "int", "num_classes": "int", "arch": "str",
+                       "state_dict": "dict"},
     JUDGE_FORMAT: {"state_dict": "dict", "sha256": "str", "test_accuracy": "float", "train_images": "int"},
-}
+}  # fmt: skip
 RNG_PARTS = {"torch": "Tensor", "cuda": "Tensor | None", "data": "Tensor"}
 KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,), "dict": (dict,),
          "Tensor": (Tensor,), "None": (type(None),)}  # fmt: skip
@@ -719,6 +809,8 @@ def schema_problem(obj: dict[str, Any]) -> str | None:
     if obj["format"] == GENERATOR_FORMAT:
         if not 0 < obj["latent_dim"] <= 4096:
             return f"latent_dim {obj['latent_dim']} is outside 1..4096"
+        if obj["arch"] not in ARCHS:
+            return f"arch {obj['arch']!r} is not one of {', '.join(ARCHS)}"
         return None if obj["num_classes"] in (0, NUM_CLASSES) else f"num_classes {obj['num_classes']} is not 0 or 10"
     if obj["epoch"] < 0 or obj["step"] < 0:
         return f"epoch {obj['epoch']} / step {obj['step']} is negative"
@@ -779,6 +871,8 @@ def load_checkpoint(path: str | Path, *formats: str) -> dict[str, Any]:
         raise GanError(f"{path} is not a {' or '.join(formats)} file (found {found!r})")
     if obj["format"] == CHECKPOINT_FORMAT:
         obj.setdefault("run_id", "")  # saved before runs had ids: its folder alone says whose it is
+    elif obj["format"] == GENERATOR_FORMAT:
+        obj.setdefault("arch", "mlp")  # saved before --arch existed
     problem = schema_problem(obj)
     if problem:
         raise GanError(f"{path} is damaged: {problem}")
@@ -787,7 +881,8 @@ def load_checkpoint(path: str | Path, *formats: str) -> dict[str, Any]:
 
 def save_generator(path: Path, nets: Nets, epoch: int, **extra: Any) -> None:
     G = nets.sampler()
-    meta = {"epoch": epoch, "ema": nets.ema is not None, "latent_dim": G.latent_dim, "num_classes": G.num_classes}
+    meta = {"epoch": epoch, "ema": nets.ema is not None, "latent_dim": G.latent_dim, "num_classes": G.num_classes,
+            "arch": G.arch}  # fmt: skip
     save_checkpoint({"format": GENERATOR_FORMAT, "version": FORMAT_VERSION, **meta, "state_dict": G.state_dict(),
                      **extra}, path)  # fmt: skip
 
@@ -798,11 +893,12 @@ def load_generator(path: str | Path, device: torch.device, raw: bool = False) ->
     obj = load_checkpoint(path, GENERATOR_FORMAT, CHECKPOINT_FORMAT)
     if obj["format"] == CHECKPOINT_FORMAT:
         latent_dim, classes = obj["config"].get("latent_dim", 100), NUM_CLASSES * obj["config"].get("conditional", 0)
+        arch = obj["config"].get("arch", "mlp")
         state_dict = obj["ema"] if obj["ema"] is not None and not raw else obj["generator"]
         obj["ema"] = state_dict is obj["ema"]
     else:
-        latent_dim, classes, state_dict = obj["latent_dim"], obj["num_classes"], obj["state_dict"]
-    G = Generator(latent_dim, classes)
+        latent_dim, classes, state_dict, arch = obj["latent_dim"], obj["num_classes"], obj["state_dict"], obj["arch"]
+    G = Generator(latent_dim, classes, arch)
     try:
         G.load_state_dict(state_dict)
     except RuntimeError as exc:
@@ -1216,10 +1312,11 @@ def open_tensorboard(run: Run) -> None:
 
 
 def write_losses(run: Run, plot: bool) -> None:
-    write_csv(run.dir / "losses.csv", run.state.history, LOSS_COLUMNS)
+    write_csv(run.dir / "losses.csv", run.state.history, loss_columns(run.cfg))
     if plot and run.state.history:
+        (real, fake), d = LOSSES[run.cfg.loss].columns, LOSSES[run.cfg.loss].name
         panels = [("loss", [("d_loss", "D loss"), ("g_loss", "G loss")]),
-                  ("mean D output", [("d_x", "D(x), real"), ("d_g_z", "D(G(z)), fake")])]  # fmt: skip
+                  (f"mean {d} output", [(real, f"{d}(x), real"), (fake, f"{d}(G(z)), fake")])]  # fmt: skip
         plot_curves(run.dir / "losses.png", run.state.history, panels)
 
 
@@ -1686,6 +1783,15 @@ def check_config(cfg: Config) -> str | None:
         (10 <= cfg.eval_num <= MAX_EVAL_NUM, f"--eval-num must be 10 to {MAX_EVAL_NUM}"),
         (cfg.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
         (cfg.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}"),
+        (
+            cfg.arch in ARCHS and cfg.loss in LOSSES,
+            f"--arch must be {' or '.join(ARCHS)}, --loss {' or '.join(LOSSES)}",
+        ),
+        (
+            cfg.recipe != "tutorial" or (cfg.arch, cfg.loss) == ("mlp", "bce"),
+            "--recipe tutorial is the blog's MLP with BCE: drop --arch/--loss, or --recipe",
+        ),
+        (cfg.n_critic > 0 and 0 <= cfg.gp_weight < math.inf, "--n-critic must be >= 1 and --gp-weight >= 0"),
         (0 <= cfg.r1_gamma < math.inf and 0 <= cfg.d_lr < math.inf, "--r1-gamma and --d-lr must be >= 0"),
         (cfg.lr_decay in ("none", "linear"), "--lr-decay must be none or linear"),
     ]
@@ -1933,8 +2039,9 @@ def main(argv: list[str] | None = None) -> Result:
     else:
         parser = build_train_parser()
         namespace = vars(parser.parse_args(argv))
-        if namespace.get("recipe", Config.recipe) not in RECIPES:
-            parser.error(f"--recipe must be one of {', '.join(RECIPES)}")
+        for name, known in (("recipe", RECIPES), ("arch", ARCHS), ("loss", LOSSES)):  # before their presets apply
+            if namespace.get(name, getattr(Config, name)) not in known:
+                parser.error(f"--{name} must be one of {', '.join(known)}")
         cfg = recipe_config(namespace)
         if check_config(cfg):
             parser.error(check_config(cfg))

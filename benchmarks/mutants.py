@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TEST_ORDER = [
     "tests/test_maths.py",
+    "tests/test_variants.py",
     "tests/test_round3.py",
     "tests/test_contracts.py",
     "tests/test_trainer.py",
@@ -42,6 +43,27 @@ TEST_ORDER = [
 # (name, old text, new text[, reason it is equivalent]); `old` must occur exactly once in gan_mnist.py. Old and new
 # may be tuples of alternatives (the first that occurs exactly once is used), to measure an older suite too.
 MUTANTS: list[tuple[str, ...]] = [
+    # -- the variants: DCGAN and WGAN-GP (the GP's two bugs the reference implementations carry come first)
+    ("gp-alpha-per-pixel", "torch.rand(batch, 1, 1, 1, device=real.device)", "torch.rand_like(real)"),
+    ("gp-norm-over-channels", ".float().flatten(1).norm(dim=1)", ".float().norm(dim=1)"),
+    ("gp-weight-ignored", "penalty + nets.gp_weight * (grad", "penalty + 1.0 * (grad"),
+    ("critic-loss-sign", "return fake.mean() - real.mean()", "return real.mean() - fake.mean()"),
+    ("g-trains-every-batch", "done % cfg.n_critic == 0", "True"),
+    ("ema-moves-on-critic-steps", "        if update_g:\n            nets.update_ema()", "        nets.update_ema()"),
+    ("ema-without-batch-norm-statistics", "ema_buffer.copy_(buffer)", "pass"),
+    ("generator-file-forgets-arch", '"arch": G.arch}', '"arch": "mlp"}'),
+    ("checkpoint-rebuild-ignores-arch", 'arch = obj["config"].get("arch", "mlp")', 'arch = "mlp"'),
+    ("batch-norm-eps-for-momentum", "nn.BatchNorm2d(c), nn.ReLU(True)", "nn.BatchNorm2d(c, 0.8), nn.ReLU(True)"),
+    (
+        "batch-norm-in-the-critic",
+        "nn.Conv2d(c, 2 * c, 4, 2, 1),",
+        "nn.Conv2d(c, 2 * c, 4, 2, 1), nn.BatchNorm2d(2 * c),",
+    ),
+    ("wgan-gp-preset-one-critic-step", '"n_critic": 5', '"n_critic": 1'),
+    ("critic-scores-named-probabilities", '("critic_real", "critic_fake")', '("d_x", "d_g_z")'),
+    ("loss-not-run-defining", "defining=True)  # fmt: skip", "defining=False)  # fmt: skip"),
+    ("spectral-norm-skips-convolutions", "isinstance(m, (nn.Linear, nn.Conv2d))", "isinstance(m, nn.Linear)"),
+    ("critic-statistics-as-probabilities", 'torch.clone, ("critic_real"', 'torch.sigmoid, ("critic_real"'),
     # -- metrics
     (
         "fid-ignores-covariance",
@@ -100,16 +122,16 @@ MUTANTS: list[tuple[str, ...]] = [
     ("d-never-steps", "    nets.opt_d.step()\n", "    pass\n"),
     (
         "ema-never-updates",
-        "torch._foreach_lerp_(list(nets.ema.parameters()), list(G.parameters()), 1 - decay)",
+        "torch._foreach_lerp_(list(self.ema.parameters()), list(self.G.parameters()), 1 - decay)",
         "pass",
     ),
     (
         "ema-blend-inverted",
-        "torch._foreach_lerp_(list(nets.ema.parameters()), list(G.parameters()), 1 - decay)",
-        "torch._foreach_lerp_(list(nets.ema.parameters()), list(G.parameters()), decay)",
+        "torch._foreach_lerp_(list(self.ema.parameters()), list(self.G.parameters()), 1 - decay)",
+        "torch._foreach_lerp_(list(self.ema.parameters()), list(self.G.parameters()), decay)",
     ),
     ("r1-on-fakes", "grad[:batch].float().square()", "grad[batch:].float().square()"),
-    ("r1-not-lazy-scaled", "r1_weight=cfg.r1_gamma / 2 * cfg.r1_every", "r1_weight=cfg.r1_gamma / 2"),
+    ("r1-not-lazy-scaled", "cfg.r1_gamma / 2 * cfg.r1_every, cfg.gp_weight", "cfg.r1_gamma / 2, cfg.gp_weight"),
     ("r1-off-schedule", "% cfg.r1_every == 0", "% cfg.r1_every == 1"),
     ("lr-decay-off-by-one", "decay = 1.0 - (epoch - 1) / cfg.epochs", "decay = 1.0 - epoch / cfg.epochs"),
     ("ttur-ignored", "(nets.opt_d, cfg.d_lr or cfg.lr)", "(nets.opt_d, cfg.lr)"),
@@ -121,8 +143,8 @@ MUTANTS: list[tuple[str, ...]] = [
     ),
     (
         "fake-not-detached-for-d",
-        "d_in = torch.cat([real, fake.detach()]).requires_grad_(r1)",
-        "d_in = torch.cat([real, fake]).requires_grad_(r1)",
+        "d_in = [real, fake.detach()]",
+        "d_in = [real, fake]",
     ),
     # -- checkpoints, resume, best model, tidy-up
     ("batch-size-not-run-defining", '_f(64, "images per training step", defining=True)', '_f(64, "images per step")'),
@@ -227,7 +249,7 @@ MUTANTS: list[tuple[str, ...]] = [
         "return torch.arange(10).repeat_interleave(per_digit), per_digit",
         "return torch.arange(10).repeat_interleave(per_digit), nrow",
     ),
-    ("ema-decay-uncapped", ").clamp(max=nets.ema_decay)", ")"),
+    ("ema-decay-uncapped", ").clamp(max=self.ema_decay)", ")"),
 ]
 
 

@@ -4,14 +4,18 @@
 judge on 10,000 samples) and prints FID / IS / KL to uniform / recall at the report epochs.
 
     python benchmarks/quality_ablation.py --data-dir ../shared/data --variants tutorial,stable --seeds 1,2
-    python benchmarks/quality_ablation.py --data-dir ../shared/data --epochs 30 --variants r1,dropout,...
+    python benchmarks/quality_ablation.py --data-dir ../shared/data --epochs 30 --variants r1,spectral-norm,...
+    python benchmarks/quality_ablation.py --epochs 50 --eval-every 5 --variants dcgan,wgan-gp,dcgan-wgan-gp \
+        --seeds 1,2 --report 10,20,30,50 --plot docs/which_gan_fid.png        # README, 'Which GAN?'
 
 Runs land in --root/<variant>-s<seed>/ and are reused: a finished run is only read, an unfinished one is
 resumed, so the table can be built up over several sessions. Two runs at a time (--jobs 2, --threads 1 each)
 is what a 2-core machine affords. Prints a Markdown table on stderr and one JSON line on stdout.
 
-Variants with a schedule over the run (lr-decay, instance-noise) depend on --epochs: compare them at the
-same --epochs.
+Variants with a schedule over the run (lr-decay) depend on --epochs: compare them at the same --epochs. Each
+run's summary also gives its training seconds per epoch (the median, from losses.csv: evaluation excluded),
+the training minutes until FID first fell to 5 and to 3 (at the evaluated epochs), its best FID and its last
+FID over its best (late decay).
 """
 
 from __future__ import annotations
@@ -32,16 +36,19 @@ VARIANTS: dict[str, list[str]] = {
     "r1": [*TUTORIAL, "--r1-gamma", "1", "--r1-every", "1"],
     "r1-lazy": [*TUTORIAL, "--r1-gamma", "1", "--r1-every", "8"],
     "lr-decay": [*TUTORIAL, "--lr-decay", "linear"],
-    "dropout": [*TUTORIAL, "--d-dropout", "0.3"],
     "spectral-norm": [*TUTORIAL, "--spectral-norm"],
-    "label-smoothing": [*TUTORIAL, "--label-smoothing", "0.1"],
-    "instance-noise": [*TUTORIAL, "--instance-noise", "0.1"],
     "ttur": [*TUTORIAL, "--lr", "1e-4", "--d-lr", "4e-4"],
-    "top-k": [*TUTORIAL, "--top-k", "0.5"],
     "r1-lazy+lr-decay": [*TUTORIAL, "--r1-gamma", "1", "--r1-every", "8", "--lr-decay", "linear"],
-    "r1-lazy+dropout": [*TUTORIAL, "--r1-gamma", "1", "--r1-every", "8", "--d-dropout", "0.3"],
     "r1-lazy-gamma0.3": [*TUTORIAL, "--r1-gamma", "0.3", "--r1-every", "8"],
     "r1-lazy-gamma3": [*TUTORIAL, "--r1-gamma", "3", "--r1-every", "8"],
+    # the GANs the tutorial names next (README, 'Which GAN?'): each preset by its flags
+    "dcgan": ["--arch", "dcgan"],
+    "dcgan-r1": ["--arch", "dcgan", "--r1-gamma", "1"],
+    "dcgan-r1-gamma0.1": ["--arch", "dcgan", "--r1-gamma", "0.1"],
+    "dcgan-no-r1": ["--arch", "dcgan", "--r1-gamma", "0"],
+    "wgan-gp": ["--loss", "wgan-gp"],
+    "dcgan-wgan-gp": ["--arch", "dcgan", "--loss", "wgan-gp"],
+    "conditional-dcgan": ["--arch", "dcgan", "--conditional"],
 }
 COLUMNS = (("fid", "FID"), ("inception_score", "IS"), ("kl_to_uniform", "KL"), ("recall", "recall"))
 
@@ -52,6 +59,47 @@ def metrics_rows(run: Path) -> dict[int, dict[str, float]]:
         return {}
     with open(path) as f:
         return {int(row["epoch"]): {k: float(v) for k, v in row.items()} for row in csv.DictReader(f)}
+
+
+def run_summary(run: Path, rows: dict[int, dict[str, float]]) -> dict[str, float | None]:
+    with open(run / "losses.csv") as f:
+        seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
+    best = min(rows.values(), key=lambda r: r["fid"])
+
+    def minutes_to(fid: float) -> float | None:
+        epoch = next((e for e in sorted(rows) if rows[e]["fid"] <= fid), None)
+        return None if epoch is None else round(sum(seconds[:epoch]) / 60, 1)
+
+    return {"seconds_per_epoch": round(sorted(seconds)[len(seconds) // 2], 1), "minutes_to_fid_5": minutes_to(5),
+            "minutes_to_fid_3": minutes_to(3), "best_fid": round(best["fid"], 2), "best_epoch": int(best["epoch"]),
+            "last_over_best": round(rows[max(rows)]["fid"] / best["fid"], 3), "epochs": len(seconds)}  # fmt: skip
+
+
+def plot(path: Path, runs: dict[str, dict[int, dict[str, float]]], root: Path) -> None:
+    """FID against epochs and against training minutes, one line per run: README, 'Which GAN?'."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for i, (name, rows) in enumerate(runs.items()):
+        with open(root / name / "losses.csv") as f:
+            elapsed = [0.0]
+            for row in csv.DictReader(f):
+                elapsed.append(elapsed[-1] + float(row["seconds"]) / 60)
+        epochs = sorted(rows)
+        style = {"color": f"C{i // 2}", "linestyle": "-" if name.endswith("s1") else "--", "label": name}
+        axes[0].plot(epochs, [rows[e]["fid"] for e in epochs], **style)
+        axes[1].plot([elapsed[e] for e in epochs], [rows[e]["fid"] for e in epochs], **style)
+    for ax, label in zip(axes, ("epoch", "training minutes (1 CPU thread)")):
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("FID (project judge, 10,000 samples)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def train(variant: str, seed: int, args: argparse.Namespace) -> Path:
@@ -65,7 +113,8 @@ def train(variant: str, seed: int, args: argparse.Namespace) -> Path:
         command += ["--resume", str(last), "--quiet"]
     else:
         command += ["--out-dir", str(run), "--seed", str(seed), "--data-dir", str(args.data_dir), *VARIANTS[variant]]
-        command += ["--eval-every", "10", "--checkpoint-every", "10", "--keep-checkpoints", "0", "--quiet"]
+        command += ["--eval-every", str(args.eval_every), "--checkpoint-every", "10", "--keep-checkpoints", "0"]
+        command += ["--quiet"]
     args.root.mkdir(parents=True, exist_ok=True)
     with open(args.root / f"{variant}-s{seed}.log", "a") as log:
         print("+", " ".join(command), file=log, flush=True)
@@ -80,10 +129,12 @@ def main() -> None:
     p.add_argument("--variants", default="tutorial,stable", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     p.add_argument("--seeds", default="1", help="comma-separated seeds (default: 1)")
     p.add_argument("--epochs", type=int, default=200, help="train each run to this epoch (default: 200)")
+    p.add_argument("--eval-every", type=int, default=10, help="judge a new run every N epochs (default: 10)")
     p.add_argument("--report", default="30,100,200", help="epochs to tabulate (default: 30,100,200)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default: 1; 2 on 2 cores with --threads 1)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default: 1)")
     p.add_argument("--table-only", action="store_true", help="train nothing; tabulate the runs already in --root")
+    p.add_argument("--plot", type=Path, help="also draw the runs' FID curves into this PNG")
     args = p.parse_args()
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -97,6 +148,8 @@ def main() -> None:
             list(pool.map(lambda job: train(*job, args), jobs))
 
     results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    summaries: dict[str, dict[str, float | None]] = {}
+    curves: dict[str, dict[int, dict[str, float]]] = {}
     lines = [
         "| variant | seed | "
         + " | ".join(f"{label} @{e}" for e in report for _, label in COLUMNS)
@@ -108,12 +161,16 @@ def main() -> None:
         if not rows:
             continue  # not trained (yet)
         results.setdefault(variant, {})[str(seed)] = {str(e): rows[e] for e in report if e in rows}
+        summaries[f"{variant}-s{seed}"] = run_summary(args.root / f"{variant}-s{seed}", rows)
+        curves[f"{variant}-s{seed}"] = rows
         cells = [f"{rows[e][key]:.3g}" if e in rows else "" for e in report for key, _ in COLUMNS]
         best = min(rows.values(), key=lambda r: r["fid"]) if rows else None
         best_cell = f"{best['fid']:.3g} ({int(best['epoch'])})" if best else ""
         lines.append(f"| {variant} | {seed} | " + " | ".join(cells) + f" | {best_cell} |")
     print("\n".join(lines), file=sys.stderr)
-    print(json.dumps({"report_epochs": report, "results": results}))
+    if args.plot and curves:
+        plot(args.plot, curves, args.root)
+    print(json.dumps({"report_epochs": report, "results": results, "runs": summaries}))
 
 
 if __name__ == "__main__":

@@ -38,24 +38,34 @@ def test_a_cuda_checkpoint_resumes_exactly_or_within_float_noise(train, tmp_path
             torch.testing.assert_close(tensor, b[key][name], rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
 
 
-@pytest.mark.parametrize("r1", [False, True])
-def test_cuda_graph_steps_match_eager_steps(data_dir: Path, r1: bool) -> None:
-    """Three eager warm-up steps, then graph replays: the weights after 8 steps match 8 eager steps."""
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {},
+        {"r1_gamma": 1.0, "r1_every": 1},
+        {"arch": "dcgan"},
+        {"loss": "wgan-gp"},
+        {"arch": "dcgan", "loss": "wgan-gp"},
+    ],
+)
+def test_cuda_graph_steps_match_eager_steps(data_dir: Path, flags: dict) -> None:
+    """Three eager warm-up steps of each kind, then graph replays: the weights after 16 steps match 16 eager steps
+    (batch norm's statistics, the gradient penalty's random alphas and the critic's schedule included)."""
     images, _ = gan_mnist.load_mnist(data_dir)
     device = torch.device("cuda")
     real = gan_mnist.to_model_range(images[:64], device)
     weights = []
     for graph in (False, True):
         torch.manual_seed(0)
-        cfg = gan_mnist.Config(precision="fp32")
+        cfg = gan_mnist.recipe_config({"precision": "fp32", **flags})
         nets = gan_mnist.build_nets(cfg, device, capturable=graph)
         gan_mnist.set_schedule(nets, cfg, 1)
         step = (
             gan_mnist.CudaGraphStep(nets, 64, False, device) if graph else functools.partial(gan_mnist.train_step, nets)
         )
-        for _ in range(8):
-            step(real, None, r1)
+        for i in range(16):
+            step(real, None, cfg.r1_gamma > 0 and i % cfg.r1_every == 0, i % cfg.n_critic == 0)
         torch.cuda.synchronize()
-        weights.append([p.detach().clone() for p in nets.G.parameters()])
+        weights.append([t.detach().clone() for t in [*nets.G.state_dict().values(), *nets.D.parameters()]])
     for eager, captured in zip(*weights):
         torch.testing.assert_close(captured, eager, rtol=1e-4, atol=1e-5)

@@ -172,7 +172,7 @@ def test_r1_penalty_is_gamma_over_2_times_the_squared_gradient_at_real_digits(da
 def test_r1_is_applied_every_nth_step_of_the_run(train, monkeypatch) -> None:
     flags: list[bool] = []
     real_step = gan_mnist.train_step
-    monkeypatch.setattr(gan_mnist, "train_step", lambda n, x, y, r1=False: (flags.append(r1), real_step(n, x, y, r1)))
+    monkeypatch.setattr(gan_mnist, "train_step", lambda n, x, y, r1, g: (flags.append(r1), real_step(n, x, y, r1, g)))
     assert train("run", "--epochs", "2", "--r1-every", "3").exit_code == 0  # 8 steps an epoch
     assert [i for i, on in enumerate(flags) if on] == [0, 3, 6, 9, 12, 15]
     flags.clear()

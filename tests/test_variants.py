@@ -1,0 +1,190 @@
+"""The GANs the tutorial names next, in the same loop: --arch dcgan and --loss wgan-gp. Each trains, resumes bit for
+bit (also mid-epoch), keeps its record in its files, and is rebuilt by the commands from the file alone; the
+gradient penalty is checked against its formula computed one sample at a time."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load
+from test_maths import make_nets, real_batch
+
+import gan_mnist
+
+VARIANTS = pytest.mark.parametrize("flags", [["--arch", "dcgan"], ["--loss", "wgan-gp"],
+                                             ["--arch", "dcgan", "--loss", "wgan-gp"]])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags", [["--arch", "dcgan"], ["--loss", "wgan-gp"], ["--arch", "dcgan", "--loss", "wgan-gp", "--conditional"]]
+)
+def test_each_variant_trains_records_itself_and_is_rebuilt_by_generate(train, tmp_path: Path, flags) -> None:
+    assert train("run", "--epochs", "2", *flags).exit_code == 0
+    arch = "dcgan" if "dcgan" in flags else "mlp"
+    critic = "wgan-gp" in flags
+    with open(tmp_path / "run/losses.csv") as f:
+        rows = list(csv.DictReader(f))
+    # A critic's outputs are scores, not probabilities: the columns say so, and real scores above fake ones.
+    assert (
+        list(rows[0]) == ["epoch", "d_loss", "g_loss", "critic_real", "critic_fake", "seconds"]
+        if critic
+        else (list(rows[0]) == ["epoch", "d_loss", "g_loss", "d_x", "d_g_z", "seconds"])
+    )
+    if critic:
+        assert float(rows[-1]["critic_real"]) > float(rows[-1]["critic_fake"])
+    saved = load(tmp_path / "run/generator.pt")
+    assert saved["arch"] == arch and load(tmp_path / "run/checkpoints/last.pt")["config"]["arch"] == arch
+    for source in ("generator.pt", "checkpoints/last.pt"):
+        G, _ = gan_mnist.load_generator(tmp_path / "run" / source, torch.device("cpu"))
+        assert G.arch == arch and any(isinstance(m, torch.nn.ConvTranspose2d) for m in G.modules()) == (arch == "dcgan")
+    out = tmp_path / "digits.png"
+    assert (
+        gan_mnist.main(["generate", "--checkpoint", str(tmp_path / "run/generator.pt"), "--out", str(out)]).exit_code
+        == 0
+    )
+    assert out.stat().st_size > 0
+    walk = tmp_path / "walk.gif"
+    result = gan_mnist.main(["interpolate", "--checkpoint", str(tmp_path / "run/generator.pt"), "--out", str(walk),
+                             "--paths", "2", "--points", "2", "--frames", "3"])  # fmt: skip
+    assert result.exit_code == 0 and walk.stat().st_size > 0
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = load(path)
+    return {f"{net}.{k}": v for net in ("generator", "discriminator", "ema") for k, v in ckpt[net].items()}
+
+
+@VARIANTS
+def test_variants_resume_bit_for_bit_at_an_epoch_and_mid_epoch(train, tmp_path: Path, monkeypatch, flags) -> None:
+    assert train("straight", "--epochs", "3", *flags).exit_code == 0
+    assert train("split", "--epochs", "1", *flags).exit_code == 0
+    last = tmp_path / "split/checkpoints/last.pt"
+    calls = {"n": 0}
+    real_step = gan_mnist.train_step
+
+    def step_then_ctrl_c(*args):
+        real_step(*args)
+        calls["n"] += 1
+        if calls["n"] == 3:  # epoch 2, step 3 of 8: not on a G step of 5 critic steps
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(gan_mnist, "train_step", step_then_ctrl_c)
+    assert gan_mnist.main(["--resume", str(last), "--epochs", "3", "--threads", "1", "--quiet"]).exit_code == 130
+    monkeypatch.undo()
+    assert (load(last)["epoch"], load(last)["step"]) == (1, 3)
+    assert gan_mnist.main(["--resume", str(last), "--threads", "1", "--quiet"]).exit_code == 0
+    a, b = weights(tmp_path / "straight/checkpoints/last.pt"), weights(last)
+    assert a.keys() == b.keys()
+    for name in a:  # batch norm's running statistics included
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume"
+
+
+@VARIANTS
+def test_resume_refuses_another_arch_or_loss_by_name(train, tmp_path: Path, flags, capsys) -> None:
+    assert train("run", "--epochs", "1", *flags).exit_code == 0
+    other = ["--arch", "mlp"] if "dcgan" in flags else ["--loss", "bce"]
+    last = str(tmp_path / "run/checkpoints/last.pt")
+    assert gan_mnist.main(["--resume", last, "--epochs", "2", *other]).exit_code == 1
+    assert f"was trained with {other[0]} " in capsys.readouterr().err
+
+
+def test_tutorial_recipe_is_the_blogs_mlp_with_bce(train, capsys) -> None:
+    for flags in (["--arch", "dcgan"], ["--loss", "wgan-gp"]):
+        with pytest.raises(SystemExit) as exit_info:
+            train("run", "--recipe", "tutorial", *flags)
+        assert exit_info.value.code == 2 and "--recipe tutorial is the blog's MLP with BCE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train("run", "--arch", "resnet")
+    assert "--arch must be one of mlp, dcgan" in capsys.readouterr().err
+
+
+def test_wgan_gp_presets_the_papers_settings_and_flags_win() -> None:
+    cfg = make_nets("--loss", "wgan-gp")[1]
+    assert (cfg.lr, cfg.b1, cfg.b2, cfg.n_critic, cfg.gp_weight, cfg.r1_gamma) == (1e-4, 0.5, 0.9, 5, 10.0, 0.0)
+    cfg = make_nets("--loss", "wgan-gp", "--lr", "2e-4", "--n-critic", "3")[1]
+    assert (cfg.lr, cfg.n_critic) == (2e-4, 3)
+    assert make_nets("--arch", "dcgan")[1].r1_gamma == 1.0  # the default's lazy R1 stays on
+
+
+def critic_gradients(nets: gan_mnist.Nets, real: torch.Tensor, seed: int = 3) -> list[torch.Tensor]:
+    """D's gradient in one critic-only train_step (D held still by a zero learning rate)."""
+    for g in nets.opt_d.param_groups:
+        g["lr"] = 0.0
+    torch.manual_seed(seed)
+    gan_mnist.train_step(nets, real, None, False, update_g=False)
+    return [p.grad.clone() for p in nets.D.parameters()]
+
+
+@pytest.mark.parametrize("arch", ["mlp", "dcgan"])
+def test_gradient_penalty_is_lambda_times_squared_distance_of_each_samples_gradient_norm_from_1(
+    data_dir: Path, arch: str
+) -> None:
+    nets, cfg = make_nets("--loss", "wgan-gp", "--arch", arch, "--gp-weight", "7")
+    real = real_batch(data_dir, 8)
+    G, D = copy.deepcopy(nets.G), copy.deepcopy(nets.D)
+    got = critic_gradients(nets, real)
+    # By hand, in the step's order of random draws: z, then one alpha per sample.
+    torch.manual_seed(3)
+    fake = G(torch.randn(8, cfg.latent_dim)).detach()
+    alpha = torch.rand(8)
+    loss = D(fake).mean() - D(real).mean()
+    for i in range(8):  # each sample alone: its gradient's norm over all of its pixels
+        x_hat = (real[i] + alpha[i] * (fake[i] - real[i])).unsqueeze(0).requires_grad_(True)
+        (grad,) = torch.autograd.grad(D(x_hat).sum(), x_hat, create_graph=True)
+        loss = loss + 7 / 8 * (grad.flatten().norm() - 1) ** 2
+    expected = torch.autograd.grad(loss, list(D.parameters()))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_critic_steps_leave_g_and_its_ema_alone_and_g_trains_on_every_nth_batch(train, monkeypatch) -> None:
+    nets, _ = make_nets("--loss", "wgan-gp")
+    before = copy.deepcopy(nets)
+    gan_mnist.train_step(nets, torch.zeros(8, 1, 28, 28), None, False, update_g=False)
+    for old, new in ((before.G, nets.G), (before.ema, nets.ema)):
+        assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(before.D.parameters(), nets.D.parameters()))
+    # The logs' critic statistics are raw scores: D's loss is the mean fake score less the mean real one.
+    nets, _ = make_nets("--loss", "wgan-gp", "--gp-weight", "0")
+    gan_mnist.train_step(nets, torch.rand(8, 1, 28, 28) * 2 - 1, None, False, update_g=False)
+    d_loss, g_loss, real_score, fake_score = nets.stats.tolist()
+    assert d_loss == pytest.approx(fake_score - real_score, abs=1e-6) and g_loss == pytest.approx(-fake_score)
+    g_steps: list[bool] = []
+    real_step = gan_mnist.train_step
+    monkeypatch.setattr(gan_mnist, "train_step", lambda n, x, y, r1, g: (g_steps.append(g), real_step(n, x, y, r1, g)))
+    assert train("run", "--epochs", "2", "--loss", "wgan-gp").exit_code == 0  # 8 steps an epoch
+    assert [i for i, g in enumerate(g_steps) if g] == [0, 5, 10, 15]
+
+
+def test_dcgan_batch_norm_normalises_and_the_ema_carries_its_statistics(train, tmp_path: Path) -> None:
+    nets, _ = make_nets("--arch", "dcgan")
+    outputs: list[torch.Tensor] = []
+    for m in nets.G.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.register_forward_hook(
+                lambda mod, args, out: outputs.append(out.detach().clone())
+            )  # before the in-place ReLU
+    nets.G(torch.randn(64, 100))
+    assert len(outputs) == 2
+    for out in outputs:  # fresh affine parameters: each channel at mean 0 and variance 1 over the batch
+        torch.testing.assert_close(out.mean(dim=(0, 2, 3)), torch.zeros(out.size(1)), atol=1e-4, rtol=0)
+        torch.testing.assert_close(out.var(dim=(0, 2, 3), unbiased=False), torch.ones(out.size(1)), atol=1e-2, rtol=0)
+    assert train("run", "--epochs", "1", "--arch", "dcgan").exit_code == 0
+    ckpt = load(tmp_path / "run/checkpoints/last.pt")
+    stats = [k for k in ckpt["generator"] if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) == 4
+    for key in stats:  # the EMA generator samples in eval mode: with G's statistics, not its initial ones
+        assert torch.equal(ckpt["ema"][key], ckpt["generator"][key])
+        assert not torch.equal(ckpt["ema"][key], torch.zeros_like(ckpt["ema"][key]) + (key.endswith("var")))
+
+
+def test_spectral_norm_reaches_every_layer_of_the_dcgan_critic() -> None:
+    nets, _ = make_nets("--arch", "dcgan", "--spectral-norm")
+    layers = [m for m in nets.D.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert len(layers) == 3 and all(torch.nn.utils.parametrize.is_parametrized(m, "weight") for m in layers)
