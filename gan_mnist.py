@@ -352,19 +352,20 @@ def train_step(nets: Nets, real: Tensor, labels: Tensor | None, r1: bool = False
         z = torch.randn(batch, G.latent_dim, device=real.device)
         with torch.set_grad_enabled(update_g):  # a critic-only step needs no graph through G
             fake = G(z, labels)
-        d_in = [real, fake.detach()]
+        d_in = torch.cat([real, fake.detach()]).requires_grad_(r1)
+        d_logits = D(d_in, None if labels is None else torch.cat([labels, labels])).float()
         if gp:  # WGAN-GP's points x_hat on lines from real to fake digits: one alpha per sample, not per pixel
-            d_in.append(torch.lerp(real, fake.detach().to(real.dtype), torch.rand(batch, 1, 1, 1, device=real.device)))
-        d_in = torch.cat(d_in).requires_grad_(r1 or gp)
-        d_logits = D(d_in, None if labels is None else labels.repeat(d_in.size(0) // batch)).float()
-    d_loss = nets.loss.d(d_logits[: 2 * batch], d_targets)
+            alpha = torch.rand(batch, 1, 1, 1, device=real.device)
+            x_hat = torch.lerp(real, fake.detach().to(real.dtype), alpha).requires_grad_(True)
+            hat_logits = D(x_hat, labels).float()  # a pass of their own: the double backward then covers them only
+    d_loss = nets.loss.d(d_logits, d_targets)
     penalty = d_loss
     if r1:  # R1 (Mescheder et al. 2018): gamma/2 * |grad_x D(x)|^2 at real digits keeps D smooth where data is
         (grad,) = torch.autograd.grad(d_logits[:batch].sum(), d_in, create_graph=True)
         penalty = penalty + nets.r1_weight * grad[:batch].float().square().sum(dim=(1, 2, 3)).mean()
     if gp:  # Gulrajani et al. 2017: lambda * (|grad D(x_hat)| - 1)^2, the norm over all of a sample's pixels
-        (grad,) = torch.autograd.grad(d_logits[2 * batch :].sum(), d_in, create_graph=True)
-        penalty = penalty + nets.gp_weight * (grad[2 * batch :].float().flatten(1).norm(dim=1) - 1).square().mean()
+        (grad,) = torch.autograd.grad(hat_logits.sum(), x_hat, create_graph=True)
+        penalty = penalty + nets.gp_weight * (grad.float().flatten(1).norm(dim=1) - 1).square().mean()
     nets.opt_d.zero_grad(set_to_none=True)
     penalty.backward()
     nets.opt_d.step()
@@ -380,12 +381,12 @@ def train_step(nets: Nets, real: Tensor, labels: Tensor | None, r1: bool = False
         nets.opt_g.step()
         D.requires_grad_(True)
     else:  # for the logs: G's loss against the critic as it was before this step
-        g_loss = nets.loss.g(d_logits[batch : 2 * batch].detach(), g_targets)
+        g_loss = nets.loss.g(d_logits[batch:].detach(), g_targets)
 
     with torch.no_grad():
         if update_g:
             nets.update_ema()
-        outputs = nets.loss.output(d_logits[: 2 * batch])
+        outputs = nets.loss.output(d_logits)
         nets.stats += torch.stack([d_loss, g_loss, outputs[:batch].mean(), outputs[batch:].mean()])
 
 

@@ -44,8 +44,8 @@ TEST_ORDER = [
 # may be tuples of alternatives (the first that occurs exactly once is used), to measure an older suite too.
 MUTANTS: list[tuple[str, ...]] = [
     # -- the variants: DCGAN and WGAN-GP (the GP's two bugs the reference implementations carry come first)
-    ("gp-alpha-per-pixel", "torch.rand(batch, 1, 1, 1, device=real.device)", "torch.rand_like(real)"),
-    ("gp-norm-over-channels", ".float().flatten(1).norm(dim=1)", ".float().norm(dim=1)"),
+    ("gp-alpha-per-pixel", "alpha = torch.rand(batch, 1, 1, 1, device=real.device)", "alpha = torch.rand_like(real)"),
+    ("gp-norm-over-channels", "(grad.float().flatten(1).norm(dim=1) - 1)", "(grad.float().norm(dim=1) - 1)"),
     ("gp-weight-ignored", "penalty + nets.gp_weight * (grad", "penalty + 1.0 * (grad"),
     ("critic-loss-sign", "return fake.mean() - real.mean()", "return real.mean() - fake.mean()"),
     ("g-trains-every-batch", "done % cfg.n_critic == 0", "True"),
@@ -143,8 +143,8 @@ MUTANTS: list[tuple[str, ...]] = [
     ),
     (
         "fake-not-detached-for-d",
-        "d_in = [real, fake.detach()]",
-        "d_in = [real, fake]",
+        "d_in = torch.cat([real, fake.detach()]).requires_grad_(r1)",
+        "d_in = torch.cat([real, fake]).requires_grad_(r1)",
     ),
     # -- checkpoints, resume, best model, tidy-up
     ("batch-size-not-run-defining", '_f(64, "images per training step", defining=True)', '_f(64, "images per step")'),

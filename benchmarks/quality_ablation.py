@@ -14,8 +14,8 @@ is what a 2-core machine affords. Prints a Markdown table on stderr and one JSON
 
 Variants with a schedule over the run (lr-decay) depend on --epochs: compare them at the same --epochs. Each
 run's summary also gives its training seconds per epoch (the median, from losses.csv: evaluation excluded),
-the training minutes until FID first fell to 5 and to 3 (at the evaluated epochs), its best FID and its last
-FID over its best (late decay).
+the training minutes until FID first fell to 5 and to 3 (the first evaluated epoch there, times the median),
+its best FID, and its last FID over its best (late decay).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ VARIANTS: dict[str, list[str]] = {
     "dcgan": ["--arch", "dcgan"],
     "dcgan-r1": ["--arch", "dcgan", "--r1-gamma", "1"],
     "dcgan-r1-gamma0.1": ["--arch", "dcgan", "--r1-gamma", "0.1"],
+    "dcgan-r1-gamma5": ["--arch", "dcgan", "--r1-gamma", "5"],
     "dcgan-no-r1": ["--arch", "dcgan", "--r1-gamma", "0"],
     "wgan-gp": ["--loss", "wgan-gp"],
     "dcgan-wgan-gp": ["--arch", "dcgan", "--loss", "wgan-gp"],
@@ -66,11 +67,13 @@ def run_summary(run: Path, rows: dict[int, dict[str, float]]) -> dict[str, float
         seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
     best = min(rows.values(), key=lambda r: r["fid"])
 
+    per_epoch = sorted(seconds)[len(seconds) // 2]  # the median: robust to an epoch slowed by another job
+
     def minutes_to(fid: float) -> float | None:
         epoch = next((e for e in sorted(rows) if rows[e]["fid"] <= fid), None)
-        return None if epoch is None else round(sum(seconds[:epoch]) / 60, 1)
+        return None if epoch is None else round(epoch * per_epoch / 60, 1)
 
-    return {"seconds_per_epoch": round(sorted(seconds)[len(seconds) // 2], 1), "minutes_to_fid_5": minutes_to(5),
+    return {"seconds_per_epoch": round(per_epoch, 1), "minutes_to_fid_5": minutes_to(5),
             "minutes_to_fid_3": minutes_to(3), "best_fid": round(best["fid"], 2), "best_epoch": int(best["epoch"]),
             "last_over_best": round(rows[max(rows)]["fid"] / best["fid"], 3), "epochs": len(seconds)}  # fmt: skip
 
