@@ -1420,7 +1420,7 @@ def write_summary(run: Run, status: str) -> Path:
         (grids[-1][1].relative_to(run.dir).as_posix() if grids else "", f"fixed-noise samples, epoch {state.epoch}"),
         (f"samples/epoch_{best['epoch']:04d}.png" if best else "", "the best FID: generator_best.pt"),
         ("progress.gif", "every epoch's grid, same noise"),
-        ("losses.png", "losses and mean D outputs"),
+        ("losses.png", f"losses and mean {LOSSES[cfg.loss].name} outputs"),
         ("metrics.png", "FID and Inception Score"),
     ]
     figure = '<figure><img src="{0}" alt="{1}"><figcaption>{1}</figcaption></figure>'
@@ -1435,7 +1435,8 @@ def write_summary(run: Run, status: str) -> Path:
         ["python", "gan_mnist.py", "evaluate", "--checkpoint", ckpt, "--data-dir", cfg.data_dir],
         ["python", "gan_mnist.py", "interpolate", "--checkpoint", ckpt, "--out", "walk.gif"],
     ] + [["tensorboard", "--logdir", run.dir.parent]] * cfg.tensorboard
-    line = f"{status}. Recipe {cfg.recipe}, seed {cfg.seed}, {state.epoch} of {cfg.epochs} epochs."
+    line = f"{status}. Recipe {cfg.recipe} ({cfg.arch}, {cfg.loss}), seed {cfg.seed}, "
+    line += f"{state.epoch} of {cfg.epochs} epochs."
     line += (
         f" Best FID {best['fid']:.2f} at epoch {best['epoch']} (judge reference: MNIST test digits)." if best else ""
     )
