@@ -47,6 +47,8 @@ VARIANTS: dict[str, list[str]] = {
     "dcgan-r1-gamma0.1": ["--arch", "dcgan", "--r1-gamma", "0.1"],
     "dcgan-r1-gamma5": ["--arch", "dcgan", "--r1-gamma", "5"],
     "dcgan-no-r1": ["--arch", "dcgan", "--r1-gamma", "0"],
+    "dcgan-fp32": ["--arch", "dcgan", "--precision", "fp32"],
+    "dcgan-ttur": ["--arch", "dcgan", "--d-lr", "4e-4"],
     "wgan-gp": ["--loss", "wgan-gp"],
     "dcgan-wgan-gp": ["--arch", "dcgan", "--loss", "wgan-gp"],
     "conditional-dcgan": ["--arch", "dcgan", "--conditional"],
