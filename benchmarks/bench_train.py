@@ -8,12 +8,13 @@
 Threads: by default each loop runs as its own program would, the baseline with torch's default thread count
 (what the tutorial gets) and gan_mnist with its automatic choice; --threads N puts both on N.
 
-Step mode: the seed-style baseline (torchvision DataLoader with per-image ToTensor + Normalize, Sigmoid +
-BCELoss, default Adam, two .item() per step) and gan_mnist's own train_step (with the batch gather it does
-in training) run the same models, batch size, data and device, after a warm-up, in alternating rounds so
-that a slow moment of a shared machine hits both. gan_mnist is timed with its default (stable) recipe and with
---recipe tutorial: stable_vs_tutorial is what the stabilisers cost. Ratios are the figure to trust, not
-absolute times.
+Step mode: for each variant (--variants: mlp-bce, dcgan-bce, mlp-wgan-gp, dcgan-wgan-gp), the loop written the
+way the tutorial writes it (torchvision DataLoader with per-image ToTensor + Normalize; Sigmoid + BCELoss, or
+the plain WGAN-GP critic loop of PyTorch-GAN's wgan_gp.py; default Adam; the losses read back with .item()
+every step) and gan_mnist's own train_step (with the batch gather it does in training) run the same networks,
+batch size, data and device, after a warm-up, in alternating rounds so that a slow moment of a shared machine
+hits both. For mlp-bce, gan_mnist is also timed with --recipe tutorial: stable_vs_tutorial is what the lazy R1
+costs. Ratios are the figure to trust, not absolute times.
 """
 
 from __future__ import annotations

@@ -80,21 +80,25 @@ def run_summary(run: Path, rows: dict[int, dict[str, float]]) -> dict[str, float
             "last_over_best": round(rows[max(rows)]["fid"] / best["fid"], 3), "epochs": len(seconds)}  # fmt: skip
 
 
-def plot(path: Path, runs: dict[str, dict[int, dict[str, float]]], root: Path) -> None:
-    """FID against epochs and against training minutes, one line per run: README, 'Which GAN?'."""
+def plot(path: Path, runs: dict[str, dict[int, dict[str, float]]], root: Path, epoch_seconds: dict[str, float]) -> None:
+    """FID against epochs and against training minutes, one colour per variant, one line style per seed: README,
+    'Which GAN?'. Minutes are epochs times --epoch-seconds where given (a quiet machine's figure), else the run's
+    own seconds from losses.csv."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for i, (name, rows) in enumerate(runs.items()):
+    variants = list(dict.fromkeys(name.rsplit("-s", 1)[0] for name in runs))
+    for name, rows in runs.items():
+        variant, seed = name.rsplit("-s", 1)
         with open(root / name / "losses.csv") as f:
             elapsed = [0.0]
             for row in csv.DictReader(f):
-                elapsed.append(elapsed[-1] + float(row["seconds"]) / 60)
+                elapsed.append(elapsed[-1] + epoch_seconds.get(variant, float(row["seconds"])) / 60)
         epochs = sorted(rows)
-        style = {"color": f"C{i // 2}", "linestyle": "-" if name.endswith("s1") else "--", "label": name}
+        style = {"color": f"C{variants.index(variant)}", "linestyle": "-" if seed == "1" else "--", "label": name}
         axes[0].plot(epochs, [rows[e]["fid"] for e in epochs], **style)
         axes[1].plot([elapsed[e] for e in epochs], [rows[e]["fid"] for e in epochs], **style)
     for ax, label in zip(axes, ("epoch", "training minutes (1 CPU thread)")):
@@ -140,6 +144,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default: 1)")
     p.add_argument("--table-only", action="store_true", help="train nothing; tabulate the runs already in --root")
     p.add_argument("--plot", type=Path, help="also draw the runs' FID curves into this PNG")
+    p.add_argument("--epoch-seconds", default="", help="for the plot: variant=seconds per epoch,... (quiet machine)")
     args = p.parse_args()
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -174,7 +179,8 @@ def main() -> None:
         lines.append(f"| {variant} | {seed} | " + " | ".join(cells) + f" | {best_cell} |")
     print("\n".join(lines), file=sys.stderr)
     if args.plot and curves:
-        plot(args.plot, curves, args.root)
+        seconds = {k: float(v) for k, v in (item.split("=") for item in args.epoch_seconds.split(",") if item)}
+        plot(args.plot, curves, args.root, seconds)
     print(json.dumps({"report_epochs": report, "results": results, "runs": summaries}))
 
 
