@@ -10,7 +10,6 @@
 The recipe is the classic tutorial's: an MLP generator (z 100 -> 256 -> 512 -> 1024 -> 784, LeakyReLU 0.2,
 Tanh) against an MLP discriminator (784 -> 512 -> 256 -> 1, LeakyReLU 0.2), alternating binary cross-entropy
 updates with Adam (lr 2e-4, betas 0.5/0.999), batch 64, images in [-1, 1]. The default adds a lazy R1 penalty.
-
 Read it top to bottom: 1 config, 2 data, 3 models, 4 the training step, 5 the epoch loop. That is the whole GAN.
 Below the line "support code" come checkpoints and resume, evaluation, outputs, run-folder safety and commands.
 """
@@ -108,20 +107,17 @@ class Config:
 
 # A resumed run must keep these: they define the model or the data stream that the checkpoint continues.
 RUN_DEFINING = tuple(f.name for f in dataclasses.fields(Config) if f.metadata.get("defining"))
-# What --recipe sets before the flags the user typed (README, 'The default recipe'). "tutorial" is the blog's maths.
+# What --recipe, --arch, --loss and --conditional preset, in that order, before the flags the user typed (README,
+# 'The default recipe', 'Which GAN?'). "tutorial" is the blog's maths; WGAN-GP's are the paper's, with no R1 beside
+# its gradient penalty; a conditional GAN trains best without R1, which also smooths D's label term.
 RECIPES: dict[str, dict[str, Any]] = {"stable": {}, "tutorial": {"r1_gamma": 0.0, "lr_decay": "none"}}
-# What --arch and --loss preset (README, 'Which GAN?'); WGAN-GP's are the paper's: lr 1e-4, betas (0.5, 0.9), 5 critic
-# steps, lambda 10, and no R1 beside the gradient penalty.
 ARCH_RECIPES: dict[str, dict[str, Any]] = {"mlp": {}, "dcgan": {}}
 LOSS_RECIPES: dict[str, dict[str, Any]] = {
     "bce": {}, "wgan-gp": {"lr": 1e-4, "b2": 0.9, "n_critic": 5, "gp_weight": 10.0, "r1_gamma": 0.0}}  # fmt: skip
-# A conditional GAN trains best without R1: the penalty also smooths D's label term (README, 'Conditional GAN').
 CONDITIONAL_RECIPES: dict[str, dict[str, Any]] = {"stable": {"r1_gamma": 0.0}, "tutorial": {}}
 
 
 def recipe_config(flags: dict[str, Any]) -> Config:
-    """Config's defaults, then the presets of the recipe, the arch, the loss and a conditional GAN, then the flags
-    the user typed."""
     recipe = flags.get("recipe", Config.recipe)
     conditional = CONDITIONAL_RECIPES[recipe] if flags.get("conditional", Config.conditional) else {}
     arch, loss = ARCH_RECIPES[flags.get("arch", Config.arch)], LOSS_RECIPES[flags.get("loss", Config.loss)]
@@ -151,6 +147,8 @@ def epoch_batches(num_images: int, batch_size: int, generator: torch.Generator) 
 
 
 LABEL_DIM = 10  # G's label embedding (50 measured worse: benchmarks/conditional_ablation.py)
+DCGAN_WIDTH = 32  # channels of the DCGAN's 14 x 14 layer, twice as many at 7 x 7 (64: 2.5x slower, README)
+ARCHS = ("mlp", "dcgan")
 
 
 def _mlp(sizes: list[int], last_activation: bool = False) -> list[nn.Module]:
@@ -160,9 +158,6 @@ def _mlp(sizes: list[int], last_activation: bool = False) -> list[nn.Module]:
         if i < len(sizes) - 2 or last_activation:
             layers.append(nn.LeakyReLU(0.2, inplace=True))
     return layers
-
-
-DCGAN_WIDTH = 32  # channels of the DCGAN's 14 x 14 layer, twice as many at 7 x 7 (64: 2.5x slower, README)
 
 
 def generator_body(arch: str, in_dim: int) -> nn.Sequential:
@@ -183,9 +178,6 @@ def discriminator_body(arch: str) -> tuple[nn.Sequential, int]:
     c = DCGAN_WIDTH  # strided convolutions 28 -> 14 -> 7
     return nn.Sequential(nn.Conv2d(1, c, 4, 2, 1), nn.LeakyReLU(0.2, True), nn.Conv2d(c, 2 * c, 4, 2, 1),
                          nn.LeakyReLU(0.2, True), nn.Flatten()), 2 * c * 49  # fmt: skip
-
-
-ARCHS = ("mlp", "dcgan")
 
 
 class Generator(nn.Module):
@@ -232,30 +224,34 @@ class Discriminator(nn.Module):
 # ================================================================================= 4. the training step
 
 
-class Loss(NamedTuple):
-    """A GAN loss: D's, of its outputs on [real; fake] (targets 1, then 0); G's, of D's outputs on fake (target 1);
-    and what the logs average of D's outputs, under the names losses.csv gives them."""
-
-    d: Callable[[Tensor, Tensor], Tensor]
-    g: Callable[[Tensor, Tensor], Tensor]
-    output: Callable[[Tensor], Tensor]
-    columns: tuple[str, str]  # D's mean output on real, on fake digits
-    name: str  # what the logs call D: a critic's scores are not probabilities
+def bce_d_loss(logits: Tensor) -> Tensor:
+    """The tutorial's D loss, of D's logits on [real; fake]: BCE against 1 for real digits, 0 for fakes."""
+    real, fake = logits.chunk(2)
+    return F.binary_cross_entropy_with_logits(logits, torch.cat([torch.ones_like(real), torch.zeros_like(fake)]))
 
 
-def critic_loss(scores: Tensor, targets: Tensor) -> Tensor:
+def bce_g_loss(fake_logits: Tensor) -> Tensor:
+    """G's non-saturating loss: BCE against 1 ('real') on its fakes, i.e. maximise log D(G(z))."""
+    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+
+
+def critic_loss(scores: Tensor) -> Tensor:
     """WGAN (Arjovsky et al. 2017): the critic maximises E[D(real)] - E[D(fake)], an estimate of the distance."""
     real, fake = scores.chunk(2)
     return fake.mean() - real.mean()
 
 
-LOSSES = {  # BCE is the tutorial's (G's non-saturating form); WGAN-GP adds its gradient penalty in the step
-    "bce": Loss(
-        F.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, torch.sigmoid, ("d_x", "d_g_z"), "D"
-    ),
-    "wgan-gp": Loss(
-        critic_loss, lambda scores, targets: -scores.mean(), torch.clone, ("critic_real", "critic_fake"), "critic"
-    ),
+class Loss(NamedTuple):
+    d: Callable[[Tensor], Tensor]  # D's loss, of its outputs on [real; fake]
+    g: Callable[[Tensor], Tensor]  # G's, of D's outputs on fake
+    output: Callable[[Tensor], Tensor]  # what the logs average of D's outputs: a probability, or a critic's score
+    columns: tuple[str, str]  # their names in losses.csv, on real and on fake digits
+    name: str  # what the logs call D
+
+
+LOSSES = {  # WGAN-GP adds its gradient penalty in the step
+    "bce": Loss(bce_d_loss, bce_g_loss, torch.sigmoid, ("d_x", "d_g_z"), "D"),
+    "wgan-gp": Loss(critic_loss, lambda scores: -scores.mean(), lambda s: s, ("critic_real", "critic_fake"), "critic"),
 }
 
 
@@ -275,14 +271,6 @@ class Nets:
     bf16: bool = False  # bf16 matmuls under autocast
     r1_weight: float = 0.0  # gamma / 2 * every: lazy R1 applies the whole penalty on one step in `every`
     gp_weight: float = 0.0  # lambda of the WGAN-GP gradient penalty (0 = off)
-    _targets: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
-
-    def targets(self, batch: int) -> tuple[Tensor, Tensor]:
-        """D's targets (real, then fake) and G's, made once per batch size: no allocations in the step."""
-        if batch not in self._targets:
-            d = torch.cat([torch.ones(batch), torch.zeros(batch)]).to(self.stats.device)
-            self._targets[batch] = d, torch.ones(batch, device=self.stats.device)
-        return self._targets[batch]
 
     def sampler(self) -> Generator:
         return self.ema if self.ema is not None else self.G
@@ -344,7 +332,6 @@ def train_step(nets: Nets, real: Tensor, labels: Tensor | None, r1: bool = False
     """One GAN step: D, with the R1 penalty when `r1`, then G unless not `update_g` (a critic takes several steps
     per G step). Nothing here reads a value back to the host."""
     G, D, batch, gp = nets.G, nets.D, real.size(0), nets.gp_weight > 0
-    d_targets, g_targets = nets.targets(batch)
 
     # (1) Update D: maximise log D(x) + log(1 - D(G(z))) (BCE). Real and fake go through D as one batch: D has no
     # batch statistics, so this is the mean of the two BCE terms, in one pass instead of two.
@@ -358,8 +345,7 @@ def train_step(nets: Nets, real: Tensor, labels: Tensor | None, r1: bool = False
             alpha = torch.rand(batch, 1, 1, 1, device=real.device)
             x_hat = torch.lerp(real, fake.detach().to(real.dtype), alpha).requires_grad_(True)
             hat_logits = D(x_hat, labels).float()  # a pass of their own: the double backward then covers them only
-    d_loss = nets.loss.d(d_logits, d_targets)
-    penalty = d_loss
+    d_loss = penalty = nets.loss.d(d_logits)
     if r1:  # R1 (Mescheder et al. 2018): gamma/2 * |grad_x D(x)|^2 at real digits keeps D smooth where data is
         (grad,) = torch.autograd.grad(d_logits[:batch].sum(), d_in, create_graph=True)
         penalty = penalty + nets.r1_weight * grad[:batch].float().square().sum(dim=(1, 2, 3)).mean()
@@ -375,13 +361,13 @@ def train_step(nets: Nets, real: Tensor, labels: Tensor | None, r1: bool = False
         D.requires_grad_(False)
         with nets.autocast():
             g_logits = D(fake, labels).float()
-        g_loss = nets.loss.g(g_logits, g_targets)
+        g_loss = nets.loss.g(g_logits)
         nets.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         nets.opt_g.step()
         D.requires_grad_(True)
     else:  # for the logs: G's loss against the critic as it was before this step
-        g_loss = nets.loss.g(d_logits[batch:].detach(), g_targets)
+        g_loss = nets.loss.g(d_logits[batch:].detach())
 
     with torch.no_grad():
         if update_g:
@@ -548,14 +534,12 @@ def record_epoch(run: Run, epoch: int) -> None:
 # ###########################################################################################################
 
 
-def _cpus() -> int:
+def cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def auto_threads() -> int:
-    """One CPU fewer than this process may use, at most 4: torch's threads spin-wait for each other, so one
-    busy core stalls them all (README, 'CPU threads')."""
-    return max(1, min(4, _cpus() - 1))
+def auto_threads() -> int:  # torch's threads spin-wait for each other: one busy core stalls them all (README)
+    return max(1, min(4, cpus() - 1))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -571,8 +555,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 matmuls (fp32 weights and sums) where they are the fast path: CPUs with native bf16 (README,
-    'Speed'). On CUDA, TF32 plays that part."""
+    """bf16 matmuls (fp32 weights and sums) where they are fast: CPUs with native bf16. CUDA has TF32 instead."""
     if precision != "auto":
         return precision == "bf16"
     return (
@@ -581,19 +564,16 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 class CudaGraphStep:
-    """train_step captured as CUDA graphs, one per kind of step (with or without the lazy R1 penalty, a G update): a few
-    eager warm-up steps of each kind on a side stream (real training steps), then capture; every later full
-    batch is one graph replay, its noise drawn inside the graph. A smaller last batch runs eagerly."""
-
-    warmup_steps = 3
+    """train_step as CUDA graphs, one per kind of step (R1 or not, G update or not): 3 eager warm-up steps of each
+    kind on a side stream, then capture; later full batches replay it (the noise is drawn inside). A short last
+    batch runs eagerly."""
 
     def __init__(self, nets: Nets, batch_size: int, conditional: bool, device: torch.device) -> None:
-        self.nets, self.batch_size = nets, batch_size
+        self.nets, self.batch_size, self.side_stream = nets, batch_size, torch.cuda.Stream(device)
         self.graphs: dict[tuple[bool, bool], torch.cuda.CUDAGraph] = {}
-        self.warmup_left: dict[tuple[bool, bool], int] = {}
+        self.warmups: dict[tuple[bool, bool], int] = {}
         self.real = torch.zeros(batch_size, *IMAGE_SHAPE, device=device)
         self.labels = torch.zeros(batch_size, dtype=torch.long, device=device) if conditional else None
-        self.side_stream = torch.cuda.Stream(device)
 
     def __call__(self, real: Tensor, labels: Tensor | None, r1: bool = False, update_g: bool = True) -> None:
         if real.size(0) != self.batch_size:
@@ -604,14 +584,13 @@ class CudaGraphStep:
         kind = r1, update_g
         if kind in self.graphs:
             self.graphs[kind].replay()
-        elif self.warmup_left.setdefault(kind, self.warmup_steps) > 0:
-            self.warmup_left[kind] -= 1
+        elif self.warmups.setdefault(kind, 0) < 3:
+            self.warmups[kind] += 1
             self.side_stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side_stream):
                 train_step(self.nets, self.real, self.labels, *kind)
             torch.cuda.current_stream().wait_stream(self.side_stream)
-        else:
-            # Gradients must be allocated from the graph's private pool, so they start as None.
+        else:  # gradients must be allocated from the graph's private pool, so they start as None
             self.nets.opt_d.zero_grad(set_to_none=True)
             self.nets.opt_g.zero_grad(set_to_none=True)
             self.graphs[kind] = torch.cuda.CUDAGraph()
@@ -658,8 +637,7 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict
     """Seeds, reads the data, builds the networks (restored on a resume) and the loop state, tidies the folder."""
     torch.set_num_threads(cfg.threads or auto_threads())
     torch.manual_seed(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # the MLP's matmuls; well inside GAN noise
+    torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"  # the MLP's matmuls; well inside GAN noise
     use_graph = cfg.cuda_graph and device.type == "cuda"
     if cfg.cuda_graph and not use_graph:
         print(f"note: --cuda-graph needs a CUDA device; training eagerly on {device}", file=sys.stderr)
@@ -680,9 +658,8 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict
     prepare_run_folder(run, resumed=checkpoint is not None)
     print(f"gan_mnist: training on {device} ({torch.get_num_threads()} CPU threads), {len(run.data)} images, "
           f"{math.ceil(len(run.data) / cfg.batch_size)} steps/epoch, epochs {state.epoch + 1}..{cfg.epochs} -> "
-          f"{run_dir}", flush=True)  # fmt: skip
-    if checkpoint is not None:
-        print(f"resumed from {cfg.resume} at epoch {state.epoch}" + (f" step {state.step}" if state.step else ""))
+          f"{run_dir}" + (f"\nresumed from {cfg.resume} at epoch {state.epoch}" if checkpoint else "")
+          + (f" step {state.step}" if checkpoint and state.step else ""), flush=True)  # fmt: skip
     if cfg.tensorboard:
         open_tensorboard(run)
     return run
@@ -706,14 +683,10 @@ def resume_config(cfg: Config, given: set[str], checkpoint: dict[str, Any]) -> t
     its own, unless --out-dir branches it into a new one. Never a folder that another run has taken over."""
     known = {f.name for f in dataclasses.fields(Config)}
     saved = Config(**{k: v for k, v in checkpoint["config"].items() if k in known})
-    for name in RUN_DEFINING:
-        was, now = getattr(saved, name), getattr(cfg, name)
-        if name in given and now != was:
-            flag = _flag(name)
-            trained = (
-                f"{'with' if was else 'without'} {flag}" if isinstance(was, bool) else f"with {flag} {was}, not {now}"
-            )
-            raise GanError(f"checkpoint {cfg.resume} was trained {trained}; drop the flag to continue that run")
+    for name in [name for name in RUN_DEFINING if name in given and getattr(cfg, name) != getattr(saved, name)]:
+        was, now, flag = getattr(saved, name), getattr(cfg, name), _flag(name)
+        trained = f"{'with' if was else 'without'} {flag}" if isinstance(was, bool) else f"with {flag} {was}, not {now}"
+        raise GanError(f"checkpoint {cfg.resume} was trained {trained}; drop the flag to continue that run")
     merged, state = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given}), state_of(checkpoint)
     if state.epoch >= merged.epochs and not evaluation_pending(merged, state):
         raise GanError(f"checkpoint {cfg.resume} has already trained {plural(state.epoch, 'epoch')}; pass --epochs N "
@@ -725,22 +698,23 @@ def resume_config(cfg: Config, given: set[str], checkpoint: dict[str, Any]) -> t
         checkpoint["run_id"] = os.urandom(8).hex()
         return merged, Path(cfg.out_dir)
     branch = "pass --out-dir NEW to branch it into a new folder"
+    taken = f"{own_dir} now holds another run than checkpoint {cfg.resume}; {branch}"
     with contextlib.suppress(OSError, ValueError, AttributeError):
         other = json.loads((own_dir / "config.json").read_text()).get("run_id")
         if state.run_id and other and other != state.run_id:
-            raise GanError(f"{own_dir} now holds another run than checkpoint {cfg.resume}; {branch}")
+            raise GanError(taken)
     last = own_dir / "checkpoints" / "last.pt"
     if last.exists() and last.resolve() != resume_path.resolve():
         latest = state_of(load_checkpoint(last, CHECKPOINT_FORMAT))
         if state.run_id and latest.run_id not in ("", state.run_id):
-            raise GanError(f"{own_dir} now holds another run than checkpoint {cfg.resume}; {branch}")
+            raise GanError(taken)
         if (latest.epoch, latest.step) > (state.epoch, state.step):
             raise GanError(f"{own_dir} has trained past this checkpoint (to epoch {latest.epoch}); resuming from it "
                            f"there would overwrite that: {branch}")  # fmt: skip
     return merged, own_dir
 
 
-def state_of(checkpoint: dict[str, Any]) -> RunState:
+def state_of(checkpoint: dict[str, Any]) -> RunState:  # the loop state saved in a checkpoint
     return RunState(**{f.name: checkpoint[f.name] for f in dataclasses.fields(RunState)})
 
 
@@ -779,15 +753,15 @@ CHECKPOINT_FORMAT, GENERATOR_FORMAT, JUDGE_FORMAT = "gan_mnist.checkpoint", "gan
 FORMAT_VERSION = 1
 # The fields of each file format and their types, as annotations write them: a file with the right tag but a
 # missing or mistyped field is refused in one line, before anything is built from it.
-NETS_FIELDS = {"generator": "dict", "discriminator": "dict", "ema": "dict | None", "ema_updates": "Tensor",
-               "opt_g": "dict", "opt_d": "dict"}  # fmt: skip
 SCHEMAS: dict[str, dict[str, str]] = {
-    CHECKPOINT_FORMAT: {"config": "dict", **{f.name: f.type for f in dataclasses.fields(RunState)}, **NETS_FIELDS},
+    CHECKPOINT_FORMAT: {"config": "dict", **{f.name: f.type for f in dataclasses.fields(RunState)}, "generator": "dict",
+                        "discriminator": "dict", "ema": "dict | None", "ema_updates": "Tensor", "opt_g": "dict",
+                        "opt_d": "dict"},
     GENERATOR_FORMAT: {"epoch": "int", "ema": "bool", "latent_dim": "int", "num_classes": "int", "arch": "str",
                        "state_dict": "dict"},
     JUDGE_FORMAT: {"state_dict": "dict", "sha256": "str", "test_accuracy": "float", "train_images": "int"},
+    "rng": {"torch": "Tensor", "cuda": "Tensor | None", "data": "Tensor"},
 }  # fmt: skip
-RNG_PARTS = {"torch": "Tensor", "cuda": "Tensor | None", "data": "Tensor"}
 KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,), "dict": (dict,),
          "Tensor": (Tensor,), "None": (type(None),)}  # fmt: skip
 
@@ -808,14 +782,14 @@ def schema_problem(obj: dict[str, Any]) -> str | None:
     if problem or obj["format"] == JUDGE_FORMAT:
         return problem
     if obj["format"] == GENERATOR_FORMAT:
-        if not 0 < obj["latent_dim"] <= 4096:
-            return f"latent_dim {obj['latent_dim']} is outside 1..4096"
-        if obj["arch"] not in ARCHS:
-            return f"arch {obj['arch']!r} is not one of {', '.join(ARCHS)}"
-        return None if obj["num_classes"] in (0, NUM_CLASSES) else f"num_classes {obj['num_classes']} is not 0 or 10"
+        return first_error([
+            (0 < obj["latent_dim"] <= 4096, f"latent_dim {obj['latent_dim']} is outside 1..4096"),
+            (obj["arch"] in ARCHS, f"arch {obj['arch']!r} is not one of {', '.join(ARCHS)}"),
+            (obj["num_classes"] in (0, NUM_CLASSES), f"num_classes {obj['num_classes']} is not 0 or 10"),
+        ])  # fmt: skip
     if obj["epoch"] < 0 or obj["step"] < 0:
         return f"epoch {obj['epoch']} / step {obj['step']} is negative"
-    problem = type_problem(obj["rng"], RNG_PARTS, "random-number state")
+    problem = type_problem(obj["rng"], SCHEMAS["rng"], "random-number state")
     if problem or any(obj["rng"][k].dtype != torch.uint8 for k in ("torch", "data")):
         return problem or "its random-number state is not a byte tensor"
     return config_problem(obj["config"])
@@ -838,12 +812,11 @@ def checkpoint_dict(run: Run) -> dict[str, Any]:
     nets, state = run.nets, run.state
     state.rng["torch"] = torch.get_rng_state()
     state.rng["cuda"] = torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None
-    ema = None if nets.ema is None else nets.ema.state_dict()
-    loop = {f.name: getattr(state, f.name) for f in dataclasses.fields(RunState)}
     return {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "torch_version": str(torch.__version__),
-            "config": dataclasses.asdict(run.cfg), **loop, "generator": nets.G.state_dict(),
-            "discriminator": nets.D.state_dict(), "ema": ema, "ema_updates": nets.ema_updates.cpu(),
-            "opt_g": nets.opt_g.state_dict(), "opt_d": nets.opt_d.state_dict()}  # fmt: skip
+            "config": dataclasses.asdict(run.cfg), **vars(state), "generator": nets.G.state_dict(),
+            "discriminator": nets.D.state_dict(), "ema": None if nets.ema is None else nets.ema.state_dict(),
+            "ema_updates": nets.ema_updates.cpu(), "opt_g": nets.opt_g.state_dict(),
+            "opt_d": nets.opt_d.state_dict()}  # fmt: skip
 
 
 def save_checkpoint(obj: dict[str, Any], *paths: Path) -> None:
@@ -882,19 +855,19 @@ def load_checkpoint(path: str | Path, *formats: str) -> dict[str, Any]:
 
 def save_generator(path: Path, nets: Nets, epoch: int, **extra: Any) -> None:
     G = nets.sampler()
-    meta = {"epoch": epoch, "ema": nets.ema is not None, "latent_dim": G.latent_dim, "num_classes": G.num_classes,
-            "arch": G.arch}  # fmt: skip
-    save_checkpoint({"format": GENERATOR_FORMAT, "version": FORMAT_VERSION, **meta, "state_dict": G.state_dict(),
-                     **extra}, path)  # fmt: skip
+    save_checkpoint({"format": GENERATOR_FORMAT, "version": FORMAT_VERSION, "epoch": epoch, "ema": nets.ema is not None,
+                     "latent_dim": G.latent_dim, "num_classes": G.num_classes, "arch": G.arch,
+                     "state_dict": G.state_dict(), **extra}, path)  # fmt: skip
 
 
 def load_generator(path: str | Path, device: torch.device, raw: bool = False) -> tuple[Generator, dict[str, Any]]:
     """A Generator from generator.pt or a checkpoint (its EMA weights, if it has them, unless `raw`); and the file,
     its "ema" saying which weights these are."""
     obj = load_checkpoint(path, GENERATOR_FORMAT, CHECKPOINT_FORMAT)
-    if obj["format"] == CHECKPOINT_FORMAT:
-        latent_dim, classes = obj["config"].get("latent_dim", 100), NUM_CLASSES * obj["config"].get("conditional", 0)
-        arch = obj["config"].get("arch", "mlp")
+    if obj["format"] == CHECKPOINT_FORMAT:  # the networks are what its config says
+        config = obj["config"]
+        latent_dim, classes = config.get("latent_dim", 100), NUM_CLASSES * config.get("conditional", 0)
+        arch = config.get("arch", "mlp")
         state_dict = obj["ema"] if obj["ema"] is not None and not raw else obj["generator"]
         obj["ema"] = state_dict is obj["ema"]
     else:
@@ -957,7 +930,7 @@ def train_judge(data_dir: str | Path, quiet: bool = False) -> tuple[Judge, float
                 loss.backward()
                 opt.step()
                 schedule.step()
-    _, probs = judge_outputs(judge.eval(), (to_model_range(c) for c in test_images.split(EVAL_CHUNK)), len(test_images))
+    probs = judge_digits(judge.eval(), test_images)[1]
     return judge, float((probs.argmax(1) == test_labels.numpy()).mean()), len(x)
 
 
@@ -1030,6 +1003,11 @@ def judge_outputs(judge: Judge, images: Tensor | Iterable[Tensor], num: int = 0)
     return feats.numpy(), probs.numpy()
 
 
+def judge_digits(judge: Judge, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Judge outputs of uint8 MNIST digits, brought to [-1, 1] a chunk at a time (never all as floats)."""
+    return judge_outputs(judge, (to_model_range(chunk) for chunk in images.split(EVAL_CHUNK)), len(images))
+
+
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """FID between two feature sets (float64; scipy's matrix square root, as pytorch-fid does)."""
     import scipy.linalg
@@ -1042,8 +1020,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     if not np.isfinite(covmean).all():  # near-singular product: regularise as pytorch-fid does
         offset = np.eye(len(s1)) * 1e-6
         covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    covmean = np.real(covmean)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(np.real(covmean)))
 
 
 def distances(queries: Tensor, bank: Tensor, chunk: int = EVAL_CHUNK) -> Iterator[Tensor]:
@@ -1114,8 +1091,7 @@ def nearest_picture(path: Path, images: Tensor, train_images: Tensor, rows: int 
     queries = images[:rows].float()
     _, idx = nearest(queries.flatten(1), to_model_range(train_images).flatten(1), k=k)
     neighbours = to_model_range(train_images[idx.flatten()]).view(len(queries), k, *IMAGE_SHAPE)
-    grid = torch.cat([queries[:, None], neighbours], dim=1).reshape(-1, *IMAGE_SHAPE)
-    atomic_write(path, lambda f: grid_image(grid, 1 + k, 2).save(f, "PNG"))
+    save_png(path, grid_image(torch.cat([queries[:, None], neighbours], dim=1).reshape(-1, *IMAGE_SHAPE), 1 + k, 2))
 
 
 class Evaluator:
@@ -1130,7 +1106,7 @@ class Evaluator:
         path = Path(judge_path) if judge_path else default_judge_path(self.train_images)
         self.judge, self.judge_info = load_or_train_judge(path, data_dir, quiet, owned=not judge_path)
         self.test_images = load_mnist(data_dir, train=False)[0] if test_images is None else test_images
-        self.test_feats = self._judge_digits(self.test_images)[0]
+        self.test_feats = judge_digits(self.judge, self.test_images)[0]
         # The floor takes longer than an evaluation (k-NN radii of 2 x 10,000 points): cached beside a judge in
         # gan_mnist's own cache, never beside a --judge the user named.
         self.floor = self._floor(None if judge_path else path.with_name(f"{path.stem}.floor-{num}.json"))
@@ -1141,17 +1117,12 @@ class Evaluator:
             cached = json.loads(cache.read_text())
             if cached["judge_sha256"] == self.judge_info["sha256"] and not type_problem(cached["floor"], numbers):
                 return cached["floor"]
-        floor = sample_metrics(*self._judge_digits(self.train_images[: self.num].cpu()), self.test_feats)
+        floor = sample_metrics(*judge_digits(self.judge, self.train_images[: self.num].cpu()), self.test_feats)
         if cache is not None:
             with contextlib.suppress(GanError):  # an unwritable cache costs the computation next time, no more
                 write_json(cache, {"judge_sha256": self.judge_info["sha256"], "floor": floor})
         return floor
 
-    def _judge_digits(self, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Judge outputs of uint8 MNIST digits, brought to [-1, 1] a chunk at a time (never all as floats)."""
-        return judge_outputs(self.judge, (to_model_range(chunk) for chunk in images.split(EVAL_CHUNK)), len(images))
-
-    @torch.no_grad()
     def __call__(self, G: nn.Module, seed: int = 0) -> dict[str, Any]:
         """Scores `num` digits drawn from G (for a conditional G, an equal share of each digit), each chunk judged
         as it is drawn: a training run never holds all `num` images."""
@@ -1199,6 +1170,7 @@ class Evaluator:
 
 
 METRIC_COLUMNS = ("epoch", "fid", "inception_score", "modes_covered", "kl_to_uniform", "precision", "recall")
+DIGIT_COLUMNS = ("digit_accuracy_min", "digit_accuracy_mean")  # conditional runs
 
 
 def metrics_line(m: dict[str, Any]) -> str:
@@ -1229,7 +1201,7 @@ def evaluate_epoch(run: Run, epoch: int) -> None:
     if state.best is None or metrics["fid"] < state.best["fid"]:
         state.best = {"epoch": epoch, "fid": metrics["fid"]}
         save_generator(run.dir / "generator_best.pt", run.nets, epoch, fid=metrics["fid"])
-    write_metrics_csv(run)
+    write_csv(run.dir / "metrics.csv", state.metrics, METRIC_COLUMNS + DIGIT_COLUMNS)
     write_json(run.dir / "metrics.json", {"epoch": epoch, **metrics, "best": state.best})
     # FID falls from hundreds to a few units: on a log scale the late epochs, where a run gains or decays, show.
     panels = [("FID on judge features (lower is better)", [("fid", "FID")]), ("score", [("inception_score", "IS")])]
@@ -1242,17 +1214,9 @@ def evaluate_epoch(run: Run, epoch: int) -> None:
 # =========================================================================================== outputs
 
 
-DIGIT_COLUMNS = ("digit_accuracy_min", "digit_accuracy_mean")
-
-
-def write_metrics_csv(run: Run) -> None:
-    columns = [c for c in METRIC_COLUMNS + DIGIT_COLUMNS if c in run.state.metrics[0]]
-    write_csv(run.dir / "metrics.csv", run.state.metrics, columns)
-
-
 def write_csv(path: Path, rows: list[dict[str, float]], columns: Iterable[str]) -> None:
     """losses.csv and metrics.csv: epochs as integers, the rest to 6 significant digits."""
-    columns = list(columns)
+    columns = [c for c in columns if not rows or c in rows[0]]
     lines = [",".join(columns)] + [
         ",".join(f"{r[c]:.6g}" if c != "epoch" else str(r[c]) for c in columns) for r in rows
     ]
@@ -1272,14 +1236,24 @@ def grid_image(images: Tensor, nrow: int, scale: int = 1) -> Image.Image:
     return Image.fromarray(grid.mul(255).add_(0.5).clamp_(0, 255).byte()[0].numpy(), mode="L")
 
 
+def save_png(path: Path, image: Image.Image) -> Image.Image:
+    atomic_write(path, lambda f: image.save(f, "PNG"))
+    return image
+
+
+def save_gif(path: Path, frames: list[Image.Image], duration: int) -> None:
+    frames = [frame.convert("P") for frame in frames]
+    atomic_write(path, lambda f: frames[0].save(f, "GIF", save_all=True, append_images=frames[1:], duration=duration,
+                                                loop=0))  # fmt: skip
+
+
 @torch.no_grad()
 def save_samples(G: Generator, noise: Tensor, labels: Tensor | None, path: Path) -> Image.Image:
     """A grid of G's images for fixed noise, in eval mode: 8 x 8, or one row per digit if conditional."""
     was_training = G.training
     grid = grid_image(G.eval()(noise, labels), 10 if labels is not None else 8)
     G.train(was_training)
-    atomic_write(path, lambda f: grid.save(f, "PNG"))
-    return grid
+    return save_png(path, grid)
 
 
 def sample_epoch(run: Run, epoch: int) -> None:
@@ -1302,9 +1276,8 @@ def open_tensorboard(run: Run) -> None:
     try:
         run.tb = SummaryWriter(str(folder), purge_step=epoch + 1 if epoch else None)
     except OSError as exc:
-        raise GanError(
-            f"cannot write TensorBoard logs to {folder}: {exc.strerror or exc} (--no-tensorboard: none)"
-        ) from None
+        raise GanError(f"cannot write TensorBoard logs to {folder}: {exc.strerror or exc} (--no-tensorboard: none)"
+                       ) from None  # fmt: skip
     if epoch == 0 and run.state.step == 0:
         shown = {k: v for k, v in config.items() if not k.endswith("dir") and k != "resume"}
         for summary in hparams(shown, {"metrics/fid": 0.0, "metrics/inception_score": 0.0}):
@@ -1351,11 +1324,6 @@ def plot_curves(
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-def save_gif(path: Path, frames: list[Image.Image], duration: int) -> None:
-    atomic_write(path, lambda f: frames[0].save(f, "GIF", save_all=True, append_images=frames[1:], duration=duration,
-                                                loop=0))  # fmt: skip
-
-
 def write_gif(run_dir: Path) -> None:
     """progress.gif of every sample grid; a grid that cannot be read (truncated by a crash) is left out, and after
     a stop signal the GIF waits for the next run."""
@@ -1398,15 +1366,11 @@ figure{display:inline-block;margin:0 1em 1em 0;vertical-align:top} img{image-ren
 figure img[src$$=".png"][src^="samples"],figure img[src$$=".gif"]{width:260px}
 table{border-collapse:collapse;margin-bottom:1em} td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
 pre{background:#f4f4f4;padding:.6em;overflow-x:auto}</style></head><body>
-<h1>gan_mnist run <code>$name</code></h1>
-<p>$status</p>
+<h1>gan_mnist run <code>$name</code></h1><p>$status</p>
 $figures
-<h2>Metrics</h2>
-<table><tr>$header</tr>$metrics</table>
-<h2>Commands</h2>
-<pre>$commands</pre>
-<h2>Config</h2>
-<table>$config</table>
+<h2>Metrics</h2><table><tr>$header</tr>$metrics</table>
+<h2>Commands</h2><pre>$commands</pre>
+<h2>Config</h2><table>$config</table>
 </body></html>
 """)
 
@@ -1472,10 +1436,12 @@ def finish_run(run: Run, signum: int) -> Result:
         name = signal.Signals(signum).name
         if finished and not pending:  # the signal came after the last step, while the outputs were written
             print(f"\n{name}: the run had finished all {plural(state.epoch, 'epoch')}; saved {ckpt}", file=sys.stderr)
-            return Result(128 + signum, run.dir, state.history)
-        where = f"in epoch {state.epoch}'s evaluation" if pending else f"at epoch {state.epoch + 1} step {state.step}"
-        resume = shell_command(["python", "gan_mnist.py", "--resume", ckpt, "--epochs", cfg.epochs])
-        print(f"\n{name}: stopped {where}; saved {ckpt}. Resume with: {resume}", file=sys.stderr, flush=True)
+        else:
+            where = (
+                f"in epoch {state.epoch}'s evaluation" if pending else f"at epoch {state.epoch + 1} step {state.step}"
+            )
+            resume = shell_command(["python", "gan_mnist.py", "--resume", ckpt, "--epochs", cfg.epochs])
+            print(f"\n{name}: stopped {where}; saved {ckpt}. Resume with: {resume}", file=sys.stderr, flush=True)
         return Result(128 + signum, run.dir, state.history)
     total = sum(row["seconds"] for row in state.history)
     print(f"done: {plural(state.epoch, 'epoch')} ({total:.0f}s of training) -> {run.dir}/ (samples/, progress.gif, "
@@ -1534,28 +1500,33 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 
 
 class StopSignal:
-    """Turns Ctrl-C / SIGTERM / SIGHUP into a flag the loop checks between steps, so the run stops at a clean point
-    and saves; long phases (the judge, an evaluation, the GIF) check it too (check_stop). A second signal is
-    ignored, the save finishes. A signal ignored when the run started (nohup) stays ignored."""
+    """Training: Ctrl-C / SIGTERM / SIGHUP become a flag the loop checks between steps, so the run stops at a clean
+    point and saves; long phases (the judge, an evaluation, the GIF) check it too (check_stop); a second signal is
+    ignored. `raising` (the commands): SIGTERM and SIGHUP raise Interrupted, as Ctrl-C raises KeyboardInterrupt.
+    A signal ignored when the process started (nohup) stays ignored."""
 
-    active: StopSignal | None = None  # the one the running loop holds
+    active: StopSignal | None = None  # the one the running training loop holds
 
-    def __init__(self) -> None:
-        self.signum, self._old = 0, {}
+    def __init__(self, raising: bool = False) -> None:
+        self.signum, self.raising, self._old = 0, raising, {}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.raising:
+            raise Interrupted(signum)
         self.signum = self.signum or signum
 
     def __enter__(self) -> StopSignal:
-        for sig in STOP_SIGNALS:
+        for sig in STOP_SIGNALS[self.raising :]:
             with contextlib.suppress(ValueError):  # signals can only be caught in the main thread
                 if signal.getsignal(sig) is not signal.SIG_IGN:
                     self._old[sig] = signal.signal(sig, self._handle)
-        StopSignal.active = self
+        if not self.raising:
+            StopSignal.active = self
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        StopSignal.active = None
+        if not self.raising:
+            StopSignal.active = None
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
 
@@ -1572,23 +1543,22 @@ LOCK = ".gan_mnist.lock"  # a name of its own: a user's `.lock` in the folder is
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """An exclusive lock on the run folder while training: a second process on it is refused. The OS drops the
-    lock when the process dies, so a crashed run never leaves it stuck."""
+    lock when the process dies, so a crashed run never leaves it stuck. (No fcntl on Windows: not detected there.)"""
     try:
         lock = open(run_dir / LOCK, "a+")  # noqa: SIM115 (closed by the `with` below, after the checks)
     except OSError as exc:
         raise GanError(f"cannot write to the run folder {run_dir}: {exc.strerror}") from exc
     with lock:  # closing releases the lock; the file stays, harmless
         try:
-            if os.name == "posix":  # no fcntl on Windows: a second run there is not detected
+            if os.name == "posix":
                 import fcntl
 
                 fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             lock.seek(0)
             owner = lock.read().strip() or "another process"
-            raise GanError(
-                f"{run_dir} is in use by a training run ({owner}); wait for it or choose another --out-dir"
-            ) from None
+            raise GanError(f"{run_dir} is in use by a training run ({owner}); wait for it or choose another --out-dir"
+                           ) from None  # fmt: skip
         try:
             lock.seek(0)
             lock.truncate()
@@ -1654,7 +1624,7 @@ def prepare_run_folder(run: Run, resumed: bool) -> None:
             if epoch > run.state.epoch:
                 png.unlink()
         if run.state.metrics:
-            write_metrics_csv(run)
+            write_csv(run.dir / "metrics.csv", run.state.metrics, METRIC_COLUMNS + DIGIT_COLUMNS)
 
 
 def own_files(folder: Path, prefix: str, suffix: str) -> list[tuple[int, Path]]:
@@ -1754,6 +1724,10 @@ def _seed_arg(text: str) -> int:
     return int(text)
 
 
+def first_error(rules: list[tuple[bool, str]]) -> str | None:
+    return next((message for ok, message in rules if not ok), None)
+
+
 def build_train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gan_mnist.py", description="Train a GAN on MNIST. Other commands: "
                                      "generate, evaluate, interpolate (see gan_mnist.py generate --help).")  # fmt: skip
@@ -1772,32 +1746,27 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 def check_config(cfg: Config) -> str | None:
     """What is wrong with a configuration, from the command line or a file; None if nothing."""
-    positive = ("epochs", "batch_size", "latent_dim", "r1_every", "sample_every", "checkpoint_every")
-    rules = [(getattr(cfg, name) > 0, f"{_flag(name)} must be a positive integer") for name in positive] + [
+    positive = ("epochs", "batch_size", "latent_dim", "r1_every", "sample_every", "checkpoint_every", "n_critic")
+    return first_error([(getattr(cfg, name) > 0, f"{_flag(name)} must be a positive integer") for name in positive] + [
         (cfg.lr > 0 and math.isfinite(cfg.lr), "--lr must be a positive number"),
         (0 <= cfg.b1 < 1 and 0 <= cfg.b2 < 1, "--b1 and --b2 must be in [0, 1)"),
         (0 <= cfg.ema_decay < 1, "--ema-decay must be in [0, 1)"),
         (cfg.subset == 0 or cfg.subset >= cfg.batch_size, f"--subset must be 0 or >= --batch-size {cfg.batch_size}"),
-        (0 <= cfg.threads <= _cpus(), f"--threads must be 0 (auto) to {_cpus()}, the CPUs this process may use"),
+        (0 <= cfg.threads <= cpus(), f"--threads must be 0 (auto) to {cpus()}, the CPUs this process may use"),
         (0 <= cfg.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED}"),
         (cfg.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
         (cfg.eval_every >= -1, "--eval-every must be a positive integer, 0 or -1"),
         (10 <= cfg.eval_num <= MAX_EVAL_NUM, f"--eval-num must be 10 to {MAX_EVAL_NUM}"),
         (cfg.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
         (cfg.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}"),
-        (
-            cfg.arch in ARCHS and cfg.loss in LOSSES,
-            f"--arch must be {' or '.join(ARCHS)}, --loss {' or '.join(LOSSES)}",
-        ),
-        (
-            cfg.recipe != "tutorial" or (cfg.arch, cfg.loss) == ("mlp", "bce"),
-            "--recipe tutorial is the blog's MLP with BCE: drop --arch/--loss, or --recipe",
-        ),
-        (cfg.n_critic > 0 and 0 <= cfg.gp_weight < math.inf, "--n-critic must be >= 1 and --gp-weight >= 0"),
+        (cfg.arch in ARCHS, f"--arch must be one of {', '.join(ARCHS)}"),
+        (cfg.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}"),
+        (cfg.recipe != "tutorial" or (cfg.arch, cfg.loss) == ("mlp", "bce"),
+         "--recipe tutorial is the blog's MLP with BCE: drop --arch/--loss, or --recipe"),
+        (0 <= cfg.gp_weight < math.inf, "--gp-weight must be >= 0"),
         (0 <= cfg.r1_gamma < math.inf and 0 <= cfg.d_lr < math.inf, "--r1-gamma and --d-lr must be >= 0"),
         (cfg.lr_decay in ("none", "linear"), "--lr-decay must be none or linear"),
-    ]
-    return next((message for ok, message in rules if not ok), None)
+    ])  # fmt: skip
 
 
 def command_parser(name: str, description: str, out_help: str) -> argparse.ArgumentParser:
@@ -1828,15 +1797,14 @@ def generate_args(argv: list[str]) -> argparse.Namespace:
     args.to_folder = args.out.endswith(("/", os.sep)) or bool(args.out) and Path(args.out).is_dir()  # a PNG per digit
     kind = "folder" if args.to_folder else Path(args.out).suffix.lower()
     limit = MAX_NPY if kind == ".npy" else MAX_GRID
-    if kind not in ("folder", ".png", ".npy"):
-        p.error(f"--out {args.out!r}: name a .png or .npy file, or a folder (ending in /)")
-    if not 1 <= args.scale <= 32:
-        p.error("--scale must be 1 to 32")
-    if not 0 < args.num <= limit:
-        p.error(f"--num must be 1 to {limit} for a {kind if kind == 'folder' else kind + ' file'}")
-    if kind == ".png" and args.num * (30 * args.scale) ** 2 > MAX_PIXELS:
-        p.error(f"--num {args.num} at --scale {args.scale} is a picture of over {MAX_PIXELS // 10**6} million pixels")
-    return args
+    error = first_error([
+        (kind in ("folder", ".png", ".npy"), f"--out {args.out!r}: name a .png or .npy file, or a folder (ending /)"),
+        (1 <= args.scale <= 32, "--scale must be 1 to 32"),
+        (0 < args.num <= limit, f"--num must be 1 to {limit} for a {kind if kind == 'folder' else kind + ' file'}"),
+        (kind != ".png" or args.num * (30 * args.scale) ** 2 <= MAX_PIXELS,
+         f"--num {args.num} at --scale {args.scale} is a picture of over {MAX_PIXELS // 10**6} million pixels"),
+    ])  # fmt: skip
+    return p.error(error) if error else args
 
 
 def generate_labels(args: argparse.Namespace, G: Generator) -> tuple[Tensor | None, int]:
@@ -1868,22 +1836,20 @@ def generate(args: argparse.Namespace) -> Result:
         z = torch.randn(count, G.latent_dim).to(device)
         return G(z, None if labels is None else labels[start : start + count].to(device))
 
+    def write_npy(f: IO[bytes]) -> None:  # streamed in chunks: a million digits need no more memory than 10,000
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (num, 28, 28)})
+        for start in range(0, num, GENERATE_CHUNK):
+            f.write(to_uint8(draw(start, min(GENERATE_CHUNK, num - start))).numpy().tobytes())
+
     make_folder(out if args.to_folder else out.parent, f"the folder of --out {out}")
     if args.to_folder:
         for i, image in enumerate(draw(0, num)):
             name = f"digit_{i:05d}" + ("" if labels is None else f"_{int(labels[i])}") + ".png"
-            atomic_write(out / name, lambda f, image=image: grid_image(image[None], 1, args.scale).save(f, "PNG"))
-    elif out.suffix.lower() == ".npy":  # streamed in chunks: a million digits need no more memory than 10,000
-
-        def write_npy(f: IO[bytes]) -> None:
-            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (num, 28, 28)})
-            for start in range(0, num, GENERATE_CHUNK):
-                f.write(to_uint8(draw(start, min(GENERATE_CHUNK, num - start))).numpy().tobytes())
-
+            save_png(out / name, grid_image(image[None], 1, args.scale))
+    elif out.suffix.lower() == ".npy":
         atomic_write(out, write_npy)
     else:
-        images = draw(0, num)
-        atomic_write(out, lambda f: grid_image(images, nrow, args.scale).save(f, "PNG"))
+        save_png(out, grid_image(draw(0, num), nrow, args.scale))
     files = f" (digit_00000.png ... digit_{num - 1:05d}*.png)" if args.to_folder else ""
     print(f"wrote {plural(num, 'digit')} to {out}{files}")
     return Result(0, out.parent)
@@ -1900,13 +1866,12 @@ def evaluate_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the full metrics as one JSON line")
     p.add_argument("--nearest", default="", metavar="FILE.png", help="samples beside their nearest training digits")
     args = p.parse_args(argv)
-    if not 10 <= args.num <= MAX_EVAL_NUM:  # as --eval-num: FID and the k-NN radii need a sample
-        p.error(f"--num must be 10 to {MAX_EVAL_NUM}")
-    if args.nearest and not args.nearest.lower().endswith(".png"):
-        p.error("--nearest must name a .png file")
-    if args.out and not args.out.lower().endswith(".json"):
-        p.error("--out must name a .json file")
-    return args
+    error = first_error([
+        (10 <= args.num <= MAX_EVAL_NUM, f"--num must be 10 to {MAX_EVAL_NUM}"),  # as --eval-num: FID needs a sample
+        (not args.nearest or args.nearest.lower().endswith(".png"), "--nearest must name a .png file"),
+        (not args.out or args.out.lower().endswith(".json"), "--out must name a .json file"),
+    ])  # fmt: skip
+    return p.error(error) if error else args
 
 
 def evaluate_command(args: argparse.Namespace) -> Result:
@@ -1948,7 +1913,7 @@ def interpolate_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--digits", default=None, help="conditional models: digits to morph through, e.g. 0123456789")
     p.add_argument("--scale", type=int, default=0, help="enlarge each digit K times (default: 2 GIF, 1 PNG)")
     args = p.parse_args(argv)
-    rules = [
+    error = first_error([
         (Path(args.out).suffix.lower() in (".gif", ".png"), "--out must end in .gif or .png"),
         (1 <= args.paths <= 100, "--paths must be 1 to 100"),
         (args.frames == 0 or 2 <= args.frames <= 1000, "--frames must be 2 to 1000"),
@@ -1956,10 +1921,9 @@ def interpolate_args(argv: list[str]) -> argparse.Namespace:
         (0 <= args.scale <= 32, "--scale must be 1 to 32"),
         (args.digits is None or len(args.digits) >= 2 and set(args.digits) <= set("0123456789"),
          "--digits must be two or more of 0-9, e.g. 0123456789"),
-    ]  # fmt: skip
-    for ok, message in rules:
-        if not ok:
-            p.error(message)
+    ])  # fmt: skip
+    if error:
+        p.error(error)
     gif = args.gif = Path(args.out).suffix.lower() == ".gif"  # the defaults depend on it
     steps = (len(args.digits or "") - 1 + gif) * (12 if gif else 3) + (not gif)  # 12 GIF frames per digit, 3 columns
     args.frames = args.frames or (steps if args.digits else 48 if gif else 10)
@@ -1996,11 +1960,11 @@ def walk(args: argparse.Namespace, G: Generator, device: torch.device) -> Tensor
         segment, t = walk_fractions(len(args.digits), args.frames, loop=args.gif)
         vectors = torch.lerp(waypoints[segment], waypoints[(segment + 1) % len(waypoints)], t[:, None].to(device))
         return torch.stack([G.decode(z, v.expand(args.paths, -1)) for v in vectors])
-    points = args.points
-    waypoints = torch.randn(points, args.paths, G.latent_dim, generator=rng).to(device)
-    segment, t = walk_fractions(points, args.frames, loop=args.gif)
-    t = t.to(device)
-    z = torch.stack([slerp(waypoints[s], waypoints[(s + 1) % points], t[i : i + 1])[0] for i, s in enumerate(segment)])
+    waypoints = torch.randn(args.points, args.paths, G.latent_dim, generator=rng).to(device)
+    segment, t = walk_fractions(args.points, args.frames, loop=args.gif)
+    z = [
+        slerp(waypoints[s], waypoints[(s + 1) % args.points], t[i : i + 1].to(device))[0] for i, s in enumerate(segment)
+    ]
     labels = (torch.arange(args.paths, device=device) % NUM_CLASSES) if G.num_classes else None
     return torch.stack([G(zf, labels) for zf in z])
 
@@ -2013,21 +1977,16 @@ def interpolate(args: argparse.Namespace) -> Result:
     images = walk(args, G, device)
     make_folder(out.parent, f"the folder of --out {out}")
     if args.gif:
-        nrow = math.ceil(math.sqrt(args.paths))
-        save_gif(out, [grid_image(frame, nrow, args.scale).convert("P") for frame in images], duration=80)
+        save_gif(out, [grid_image(frame, math.ceil(math.sqrt(args.paths)), args.scale) for frame in images], 80)
     else:  # one walk per row
-        rows = images.transpose(0, 1).reshape(-1, *IMAGE_SHAPE)
-        atomic_write(out, lambda f: grid_image(rows, args.frames, args.scale).save(f, "PNG"))
+        save_png(out, grid_image(images.transpose(0, 1).reshape(-1, *IMAGE_SHAPE), args.frames, args.scale))
     print(f"wrote {plural(args.paths, 'walk')} of {args.frames} frames to {out}")
     return Result(0, out.parent)
 
 
 # Each command besides training: what reads (and checks) its arguments, and what runs it.
-COMMANDS: dict[str, tuple[Callable[[list[str]], argparse.Namespace], Callable[[argparse.Namespace], Result]]] = {
-    "generate": (generate_args, generate),
-    "evaluate": (evaluate_args, evaluate_command),
-    "interpolate": (interpolate_args, interpolate),
-}
+COMMANDS = {"generate": (generate_args, generate), "evaluate": (evaluate_args, evaluate_command),
+            "interpolate": (interpolate_args, interpolate)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> Result:
@@ -2048,7 +2007,7 @@ def main(argv: list[str] | None = None) -> Result:
         if check_config(cfg):
             parser.error(check_config(cfg))
         run, debug = functools.partial(train, cfg, set(namespace)), cfg.debug
-    with raising_signals():
+    with StopSignal(raising=True):  # SIGTERM and SIGHUP end a command as Ctrl-C does: a write removes its temporary
         try:
             return run()
         except (GanError, KeyboardInterrupt, Interrupted) as exc:  # a stop outside a training loop: nothing to save
@@ -2057,26 +2016,6 @@ def main(argv: list[str] | None = None) -> Result:
             code = 1 if isinstance(exc, GanError) else 128 + getattr(exc, "signum", signal.SIGINT)
             print(f"gan_mnist: error: {exc}" if code == 1 else "gan_mnist: interrupted", file=sys.stderr, flush=True)
             return Result(code)
-
-
-@contextlib.contextmanager
-def raising_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP end a command as Ctrl-C does, by an exception: a write in progress removes its temporary
-    file. (Training holds its own StopSignal over its loop.) Signals ignored at the start stay ignored."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Interrupted(signum)
-
-    old = {}
-    for sig in STOP_SIGNALS[1:]:
-        with contextlib.suppress(ValueError):  # not the main thread
-            if signal.getsignal(sig) is not signal.SIG_IGN:
-                old[sig] = signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, previous in old.items():
-            signal.signal(sig, previous)
 
 
 if __name__ == "__main__":
