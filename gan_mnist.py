@@ -70,7 +70,7 @@ class Config:
     b2: float = _f(0.999, "Adam beta2 of both networks")
     latent_dim: int = _f(100, "size of the noise vector z", defining=True)
     conditional: bool = _f(False, "class-conditional GAN: G and D both see the digit label", defining=True)
-    arch: str = _f("mlp", "networks: mlp (the tutorial's) or dcgan (convolutional; presets its recipe)", defining=True)
+    arch: str = _f("mlp", "networks: mlp (the tutorial's) or dcgan (convolutional G and D)", defining=True)
     loss: str = _f("bce", "bce (the tutorial's) or wgan-gp (a critic with a gradient penalty; presets its recipe)",
                    defining=True)  # fmt: skip
     ema_decay: float = _f(0.999, "EMA of G's weights for samples, generate and evaluate (0 = off)", defining=True)
@@ -107,11 +107,11 @@ class Config:
 
 # A resumed run must keep these: they define the model or the data stream that the checkpoint continues.
 RUN_DEFINING = tuple(f.name for f in dataclasses.fields(Config) if f.metadata.get("defining"))
-# What --recipe, --arch, --loss and --conditional preset, in that order, before the flags the user typed (README,
-# 'The default recipe', 'Which GAN?'). "tutorial" is the blog's maths; WGAN-GP's are the paper's, with no R1 beside
-# its gradient penalty; a conditional GAN trains best without R1, which also smooths D's label term.
+# What --recipe, --loss and --conditional preset, in that order, before the flags the user typed (README, 'The
+# default recipe', 'Which GAN?'). "tutorial" is the blog's maths; WGAN-GP's are the paper's, with no R1 beside its
+# gradient penalty; a conditional GAN trains best without R1, which also smooths D's label term. The DCGAN trains
+# best with the default's (README: R1 gamma, no R1 and TTUR measured).
 RECIPES: dict[str, dict[str, Any]] = {"stable": {}, "tutorial": {"r1_gamma": 0.0, "lr_decay": "none"}}
-ARCH_RECIPES: dict[str, dict[str, Any]] = {"mlp": {}, "dcgan": {}}
 LOSS_RECIPES: dict[str, dict[str, Any]] = {
     "bce": {}, "wgan-gp": {"lr": 1e-4, "b2": 0.9, "n_critic": 5, "gp_weight": 10.0, "r1_gamma": 0.0}}  # fmt: skip
 CONDITIONAL_RECIPES: dict[str, dict[str, Any]] = {"stable": {"r1_gamma": 0.0}, "tutorial": {}}
@@ -120,8 +120,8 @@ CONDITIONAL_RECIPES: dict[str, dict[str, Any]] = {"stable": {"r1_gamma": 0.0}, "
 def recipe_config(flags: dict[str, Any]) -> Config:
     recipe = flags.get("recipe", Config.recipe)
     conditional = CONDITIONAL_RECIPES[recipe] if flags.get("conditional", Config.conditional) else {}
-    arch, loss = ARCH_RECIPES[flags.get("arch", Config.arch)], LOSS_RECIPES[flags.get("loss", Config.loss)]
-    return Config(**{**RECIPES[recipe], **arch, **loss, **conditional, **flags})
+    loss = LOSS_RECIPES[flags.get("loss", Config.loss)]
+    return Config(**{**RECIPES[recipe], **loss, **conditional, **flags})
 
 
 # ============================================================================================== 2. data
@@ -333,8 +333,8 @@ def train_step(nets: Nets, real: Tensor, labels: Tensor | None, r1: bool = False
     per G step). Nothing here reads a value back to the host."""
     G, D, batch, gp = nets.G, nets.D, real.size(0), nets.gp_weight > 0
 
-    # (1) Update D: maximise log D(x) + log(1 - D(G(z))) (BCE). Real and fake go through D as one batch: D has no
-    # batch statistics, so this is the mean of the two BCE terms, in one pass instead of two.
+    # (1) Update D: maximise log D(x) + log(1 - D(G(z))) (BCE; a critic: D(x) - D(G(z))). Real and fake go through
+    # D as one batch: D has no batch statistics, so this is the mean of the two terms, in one pass instead of two.
     with nets.autocast():
         z = torch.randn(batch, G.latent_dim, device=real.device)
         with torch.set_grad_enabled(update_g):  # a critic-only step needs no graph through G
@@ -356,7 +356,7 @@ def train_step(nets: Nets, real: Tensor, labels: Tensor | None, r1: bool = False
     penalty.backward()
     nets.opt_d.step()
 
-    # (2) Update G: non-saturating loss, maximise log D(G(z)) (BCE). D's weights collect no gradients here.
+    # (2) Update G: maximise log D(G(z)) (BCE's non-saturating form; a critic: D(G(z))). D's weights get no gradients.
     if update_g:
         D.requires_grad_(False)
         with nets.autocast():
