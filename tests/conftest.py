@@ -4,6 +4,7 @@ genuine files, in torchvision's layout) and a helper that trains through main() 
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +20,17 @@ TEST_DATA = Path(__file__).resolve().parent / "data"
 
 # Small, fast and deterministic: 8 steps of 64 per epoch, one thread, no judge network.
 FAST = ["--batch-size", "64", "--threads", "1", "--eval-every", "-1", "--no-tensorboard", "--quiet"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_reaches_the_tests():
+    """A suite started in the background (`pytest &`, nohup, xargs) inherits an ignored SIGINT, and gan_mnist keeps
+    a signal that was ignored at the start ignored: the Ctrl-C tests would then fail. Ctrl-C acts as at a prompt."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session", autouse=True)
