@@ -171,8 +171,7 @@ def generator_body(arch: str, in_dim: int) -> nn.Sequential:
 
 
 def discriminator_body(arch: str) -> tuple[nn.Sequential, int]:
-    """Image -> features, and their size. No batch norm: R1 and the gradient penalty are per-sample gradients,
-    which batch statistics would mix across the batch (Gulrajani et al. 2017, section 4)."""
+    """Image -> features, and their size. No batch norm: R1 and the gradient penalty are per-sample gradients."""
     if arch == "mlp":
         return nn.Sequential(nn.Flatten(), *_mlp([784, 512, 256], last_activation=True)), 256
     c = DCGAN_WIDTH  # strided convolutions 28 -> 14 -> 7
@@ -329,8 +328,7 @@ def set_schedule(nets: Nets, cfg: Config, epoch: int) -> None:
 
 
 def train_step(nets: Nets, real: Tensor, labels: Tensor | None, r1: bool = False, update_g: bool = True) -> None:
-    """One GAN step: D, with the R1 penalty when `r1`, then G unless not `update_g` (a critic takes several steps
-    per G step). Nothing here reads a value back to the host."""
+    """One GAN step: D (with R1 when `r1`), then G unless a critic-only step. No value is read back to the host."""
     G, D, batch, gp = nets.G, nets.D, real.size(0), nets.gp_weight > 0
 
     # (1) Update D: maximise log D(x) + log(1 - D(G(z))) (BCE; a critic: D(x) - D(G(z))). Real and fake go through
@@ -381,8 +379,7 @@ def train_step(nets: Nets, real: Tensor, labels: Tensor | None, r1: bool = False
 
 @dataclass
 class RunState:
-    """The loop's state between steps, on the CPU: all a checkpoint saves besides the networks. These fields are
-    the checkpoint's, and their annotations the types that loading a checkpoint checks."""
+    """The loop's state between steps: what a checkpoint saves besides the networks, its fields typed for loading."""
 
     fixed_noise: Tensor  # the noise behind every sample grid, drawn once from the seed
     fixed_labels: Tensor | None  # conditional: row k of each grid is digit k
@@ -471,8 +468,7 @@ def evaluation_pending(cfg: Config, state: RunState) -> bool:
 
 
 def train_epoch(run: Run, epoch: int, stop: StopSignal) -> bool:
-    """The steps of one epoch (from the saved step, after a mid-epoch resume). False if a signal stopped it:
-    the part-done epoch is then saved to last.pt, so a resume continues from the very next step."""
+    """One epoch's steps from the saved step; False if a signal stopped it, the part-done epoch saved to last.pt."""
     cfg, state, nets = run.cfg, run.state, run.nets
     set_schedule(nets, cfg, epoch)
     state.rng["data"] = run.data_rng.get_state()  # what a resume needs to redraw this epoch's order
@@ -564,9 +560,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 class CudaGraphStep:
-    """train_step as CUDA graphs, one per kind of step (R1 or not, G update or not): 3 eager warm-up steps of each
-    kind on a side stream, then capture; later full batches replay it (the noise is drawn inside). A short last
-    batch runs eagerly."""
+    """train_step as CUDA graphs, one per kind of step, after 3 eager warm-ups; a short last batch runs eagerly."""
 
     def __init__(self, nets: Nets, batch_size: int, conditional: bool, device: torch.device) -> None:
         self.nets, self.batch_size, self.side_stream = nets, batch_size, torch.cuda.Stream(device)
@@ -604,8 +598,7 @@ class CudaGraphStep:
 
 @contextlib.contextmanager
 def open_run(cfg: Config, given: set[str]) -> Iterator[Run]:
-    """The run to train, its folder locked against a second process: a new one, or the checkpoint's on a resume.
-    A start that fails before anything was saved removes exactly what it created."""
+    """The run to train, its folder locked; a start that fails before saving removes exactly what it created."""
     checkpoint, run_dir = None, Path(cfg.out_dir) if cfg.out_dir else None
     if cfg.resume:  # absolute now: `--resume last.pt` from inside checkpoints/ names that run (links not followed)
         cfg = dataclasses.replace(cfg, resume=os.path.abspath(cfg.resume))
@@ -666,8 +659,7 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict
 
 
 def read_run_data(cfg: Config) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """All training digits, the ones trained on (--subset) with their labels, and the test digits when the run
-    evaluates: every file the run will need is read before the first step, not found bad after the last."""
+    """Every file the run needs, read before the first step: a bad one fails now, not after the last epoch."""
     all_images, labels = load_mnist(cfg.data_dir, train=True)
     if cfg.subset > len(all_images):
         raise GanError(f"--subset {cfg.subset} is more than the {len(all_images)} training images")
@@ -679,8 +671,7 @@ def read_run_data(cfg: Config) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
 
 
 def resume_config(cfg: Config, given: set[str], checkpoint: dict[str, Any]) -> tuple[Config, Path]:
-    """The checkpoint's config with the flags typed (never a run-defining one changed), and the run's folder:
-    its own, unless --out-dir branches it into a new one. Never a folder that another run has taken over."""
+    """The checkpoint's config with the flags typed (never a run-defining one), and the folder it may write."""
     known = {f.name for f in dataclasses.fields(Config)}
     saved = Config(**{k: v for k, v in checkpoint["config"].items() if k in known})
     for name in [name for name in RUN_DEFINING if name in given and getattr(cfg, name) != getattr(saved, name)]:
@@ -796,8 +787,7 @@ def schema_problem(obj: dict[str, Any]) -> str | None:
 
 
 def config_problem(saved: dict[str, Any]) -> str | None:
-    """What is wrong with a config read from a file: a mistyped value, a setting this version does not have, or a
-    value check_config refuses."""
+    """What is wrong with a saved config: a mistyped value, a setting this version lacks, a refused value."""
     types = {f.name: f.type for f in dataclasses.fields(Config)}
     problem = type_problem(saved, types, "config value", required=False)
     unknown = [f"{k}={v!r}" for k, v in saved.items() if k not in types and v not in (0, False, "", None)]
@@ -820,8 +810,7 @@ def checkpoint_dict(run: Run) -> dict[str, Any]:
 
 
 def save_checkpoint(obj: dict[str, Any], *paths: Path) -> None:
-    """Serialised once, in memory, then written to each path: torch's zip writer turns a failed file write
-    (disk full) into an unrelated RuntimeError, while one plain write reports the OSError itself."""
+    """Serialised once in memory, then written: a plain write reports a full disk as the OSError it is."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     for path in paths:
@@ -861,8 +850,7 @@ def save_generator(path: Path, nets: Nets, epoch: int, **extra: Any) -> None:
 
 
 def load_generator(path: str | Path, device: torch.device, raw: bool = False) -> tuple[Generator, dict[str, Any]]:
-    """A Generator from generator.pt or a checkpoint (its EMA weights, if it has them, unless `raw`); and the file,
-    its "ema" saying which weights these are."""
+    """A Generator from generator.pt or a checkpoint (its EMA unless `raw`); the file's "ema" says which."""
     obj = load_checkpoint(path, GENERATOR_FORMAT, CHECKPOINT_FORMAT)
     if obj["format"] == CHECKPOINT_FORMAT:  # the networks are what its config says
         config = obj["config"]
@@ -889,8 +877,7 @@ JUDGE_FEATURES = 128  # the judge's penultimate layer: FID's feature space
 
 
 class Judge(nn.Module):
-    """A small MNIST classifier: its 128-d penultimate layer is the feature space of FID and precision/recall
-    (MNIST-native, unlike Inception), its softmax gives IS, mode coverage and accuracy."""
+    """A small MNIST classifier: its 128-d features are FID's space (MNIST-native), its softmax gives IS and modes."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -911,8 +898,7 @@ def weights_sha256(state_dict: dict[str, Tensor]) -> str:
 
 
 def train_judge(data_dir: str | Path, quiet: bool = False) -> tuple[Judge, float, int]:
-    """Seeded; 4 epochs with a one-cycle schedule on full MNIST (>= 99% test accuracy, README), at least 150
-    steps on a small data folder. Returns the judge, its test accuracy and its number of training digits."""
+    """Seeded, 4 one-cycle epochs (>= 150 steps): the judge, its test accuracy, its number of training digits."""
     (images, labels), (test_images, test_labels) = load_mnist(data_dir), load_mnist(data_dir, train=False)
     x, batches = to_model_range(images), math.ceil(len(images) / 128)
     epochs = max(4, math.ceil(150 / batches))
@@ -935,8 +921,7 @@ def train_judge(data_dir: str | Path, quiet: bool = False) -> tuple[Judge, float
 
 
 def default_judge_path(train_images: Tensor) -> Path:
-    """In the user's cache, not the data folder (which may be read-only or shared), keyed by the training digits:
-    a judge trained on a subset is never taken for the full set's."""
+    """In the user's cache, keyed by the training digits: a subset's judge is never the full set's."""
     digest = hashlib.sha256(train_images.cpu().numpy().tobytes()).hexdigest()[:16]
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gan_mnist" / f"judge-{digest}.pt"
 
@@ -953,8 +938,7 @@ def check_judge_path(path: Path) -> None:
 def load_or_train_judge(
     path: Path, data_dir: str | Path, quiet: bool = False, owned: bool = True
 ) -> tuple[Judge, dict]:
-    """The judge cached at `path`; trained (about 30 s on 2 CPU cores) when missing, corrupt or tampered. A path
-    not `owned` (one the user named) is only written if it is new or already holds a judge."""
+    """The judge cached at `path`, trained when missing, corrupt or tampered; a user's path written only if new."""
     if not owned:
         check_judge_path(path)
     if path.exists():
@@ -988,8 +972,7 @@ def load_or_train_judge(
 
 @torch.no_grad()
 def judge_outputs(judge: Judge, images: Tensor | Iterable[Tensor], num: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """float64 penultimate features (N x 128) and class probabilities (N x 10) for images in [-1, 1]: one tensor,
-    or its chunks in order (`num` images in all), so that the images need never be held at once."""
+    """float64 features (N x 128) and class probabilities of images in [-1, 1], given whole or in chunks."""
     chunks = images.split(EVAL_CHUNK) if isinstance(images, Tensor) else images
     num = len(images) if isinstance(images, Tensor) else num
     feats, probs = (torch.empty(num, n, dtype=torch.float64) for n in (JUDGE_FEATURES, NUM_CLASSES))
@@ -1024,8 +1007,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def distances(queries: Tensor, bank: Tensor, chunk: int = EVAL_CHUNK) -> Iterator[Tensor]:
-    """Euclidean distances from each chunk of query rows to every bank row, by matrix products (|q|^2 + |b|^2 -
-    2 q.b), into one buffer that each chunk reuses: a heap of freed chunk-sized blocks would grow by ~500 MB."""
+    """Euclidean distances of each chunk of queries to the bank, in one reused buffer (freed chunks bloat the heap)."""
     bank_sq, buffer = bank.square().sum(1), torch.empty(min(chunk, len(queries)), len(bank))
     for q in queries.split(chunk):
         check_stop()
@@ -1040,8 +1022,7 @@ def nearest(queries: Tensor, bank: Tensor, k: int = 1, chunk: int = EVAL_CHUNK) 
 
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
-    """Kynkäänniemi et al. 2019: precision = share of fakes inside the real k-NN manifold, recall = share of
-    reals inside the fake one."""
+    """Kynkäänniemi et al. 2019: the share of fakes in the reals' k-NN manifold, and of reals in the fakes'."""
     r, f = torch.from_numpy(real).float(), torch.from_numpy(fake).float()
     r_radii, f_radii = (nearest(x, x, k + 1)[0][:, k] for x in (r, f))  # the k-th neighbour other than itself
     inside_real = torch.cat([(d <= r_radii).any(1) for d in distances(f, r)])
@@ -1063,10 +1044,7 @@ def sample_metrics(feats: np.ndarray, probs: np.ndarray, ref_feats: np.ndarray) 
 
 
 def memorisation(evaluator: Evaluator, images: Tensor, feats: np.ndarray | None = None) -> dict[str, Any]:
-    """Does G copy its training digits? The distance of each sample to its nearest training digit, in pixels and
-    in judge features, against the same for test digits, which G never saw: a median ratio near 1 means no
-    copying. A near-copy is closer (in pixels) than 99% of test digits are: about 1% of a non-copying G's samples.
-    `feats`: the images' judge features, if already computed."""
+    """Does G copy its training digits? Nearest-training-digit distances of samples against unseen test digits'."""
     started, n, judge = time.perf_counter(), len(images), evaluator.judge
     train = to_model_range(evaluator.train_images).flatten(1)
     feats = judge_outputs(judge, images)[0] if feats is None else feats
@@ -1095,9 +1073,7 @@ def nearest_picture(path: Path, images: Tensor, train_images: Tensor, rows: int 
 
 
 class Evaluator:
-    """What evaluation needs that does not depend on the generator, computed once: the judge, the test digits'
-    features, and the real-data floor (training digits scored against the test digits). `train_images` and
-    `test_images`: a training run's copies (uint8), saving a second read of MNIST."""
+    """What evaluation needs, computed once: the judge, the test digits' features, the real-data floor."""
 
     def __init__(self, data_dir: str | Path, judge_path: str | Path | None, num: int, quiet: bool = False,
                  train_images: Tensor | None = None, test_images: Tensor | None = None) -> None:  # fmt: skip
@@ -1124,8 +1100,7 @@ class Evaluator:
         return floor
 
     def __call__(self, G: nn.Module, seed: int = 0) -> dict[str, Any]:
-        """Scores `num` digits drawn from G (for a conditional G, an equal share of each digit), each chunk judged
-        as it is drawn: a training run never holds all `num` images."""
+        """Scores `num` digits drawn from G (equal shares per digit if conditional), each chunk judged as drawn."""
         started = time.perf_counter()
         return self._metrics(*judge_outputs(self.judge, self._draw(G, seed), self.num), self._labels(G), started)
 
@@ -1181,9 +1156,7 @@ def metrics_line(m: dict[str, Any]) -> str:
 
 
 def evaluate_epoch(run: Run, epoch: int) -> None:
-    """Scores the sampling generator now: a row of metrics.csv (kept in the checkpoint, like the loss history),
-    metrics.json and metrics.png; a new lowest FID is kept as generator_best.pt. A stop signal ends it at once:
-    the run saves, and the evaluation is redone at the resume."""
+    """Scores the sampler: metrics.csv/.json/.png, generator_best.pt on a new best; a stop signal defers it."""
     cfg, state = run.cfg, run.state
     try:
         if run.evaluator is None:
@@ -1224,8 +1197,7 @@ def write_csv(path: Path, rows: list[dict[str, float]], columns: Iterable[str]) 
 
 
 def grid_image(images: Tensor, nrow: int, scale: int = 1) -> Image.Image:
-    """A grid as a PIL image: -1 black (0), +1 white (255), as MNIST's own digits; each digit scaled up K times
-    by nearest neighbour (no blur)."""
+    """A grid as a PIL image, -1 black and +1 white as MNIST's digits, each digit scaled K times (no blur)."""
     import torchvision  # imported on first use: its import takes about 3 s, which --help need not wait for
 
     if scale > 1:
@@ -1264,8 +1236,7 @@ def sample_epoch(run: Run, epoch: int) -> None:
 
 
 def open_tensorboard(run: Run) -> None:
-    """Event files in <run>/tensorboard. A resume purges events of the epochs it redoes (purge_step), so the
-    view carries on without duplicate steps; a new run also records its config as hyperparameters."""
+    """Event files in <run>/tensorboard; a resume purges the epochs it redoes, a new run logs its config."""
     try:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
@@ -1325,8 +1296,7 @@ def plot_curves(
 
 
 def write_gif(run_dir: Path) -> None:
-    """progress.gif of every sample grid; a grid that cannot be read (truncated by a crash) is left out, and after
-    a stop signal the GIF waits for the next run."""
+    """progress.gif of every readable sample grid; after a stop signal it waits for the next run."""
     frames = []
     with contextlib.suppress(Interrupted):
         for _, path in own_files(run_dir / "samples", "epoch_", ".png"):
@@ -1376,8 +1346,7 @@ $figures
 
 
 def write_summary(run: Run, status: str) -> Path:
-    """summary.html: one self-contained page (relative links only) with the config, the last and best grids, the
-    GIF, the curves, the metrics table and the commands that resume or sample the run."""
+    """summary.html: one self-contained page of the run's grids, curves, metrics, commands and config."""
     state, cfg, esc, best = run.state, run.cfg, html.escape, run.state.best
     grids = own_files(run.dir / "samples", "epoch_", ".png")
     pictures = [
@@ -1468,8 +1437,7 @@ class Interrupted(BaseException):
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Writes a temporary file beside `path`, syncs it, then renames it over `path`: a crash or a full disk
-    mid-write leaves the previous file untouched and no half-written file under the final name."""
+    """Temporary file, fsync, rename: a crash or a full disk leaves the previous file whole, never half a file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -1500,10 +1468,7 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 
 
 class StopSignal:
-    """Training: Ctrl-C / SIGTERM / SIGHUP become a flag the loop checks between steps, so the run stops at a clean
-    point and saves; long phases (the judge, an evaluation, the GIF) check it too (check_stop); a second signal is
-    ignored. `raising` (the commands): SIGTERM and SIGHUP raise Interrupted, as Ctrl-C raises KeyboardInterrupt.
-    A signal ignored when the process started (nohup) stays ignored."""
+    """Training: INT, TERM, HUP set a flag the loop checks; `raising` (commands): TERM, HUP raise. SIG_IGN stays."""
 
     active: StopSignal | None = None  # the one the running training loop holds
 
@@ -1542,8 +1507,7 @@ LOCK = ".gan_mnist.lock"  # a name of its own: a user's `.lock` in the folder is
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """An exclusive lock on the run folder while training: a second process on it is refused. The OS drops the
-    lock when the process dies, so a crashed run never leaves it stuck. (No fcntl on Windows: not detected there.)"""
+    """An exclusive lock on the run folder while training; the OS drops it when the process dies (POSIX only)."""
     try:
         lock = open(run_dir / LOCK, "a+")  # noqa: SIM115 (closed by the `with` below, after the checks)
     except OSError as exc:
@@ -1609,8 +1573,7 @@ def new_run_dir() -> Path:
 
 
 def prepare_run_folder(run: Run, resumed: bool) -> None:
-    """Makes the sub-folders, removes a killed writer's temporaries, writes config.json; on a resume, cuts the
-    loss and metric files and the sample grids back to the checkpoint, which is the truth."""
+    """Sub-folders, stale temporaries gone, config.json; on a resume, outputs cut back to the checkpoint."""
     for folder in (run.ckpt_dir, run.dir / "samples"):
         if folder.is_symlink():  # pruning there would delete files outside the run
             raise GanError(f"{folder} is a link; gan_mnist keeps a run's files in real folders inside the run folder")
@@ -1628,8 +1591,7 @@ def prepare_run_folder(run: Run, resumed: bool) -> None:
 
 
 def own_files(folder: Path, prefix: str, suffix: str) -> list[tuple[int, Path]]:
-    """gan_mnist's numbered files in `folder` (prefix + 4 or more digits + suffix, nothing else), by number:
-    a user's `epoch_0002-best.pt` or `epoch_0002 (copy).png` is neither counted nor deleted."""
+    """gan_mnist's numbered files (prefix + 4+ digits + suffix, nothing else), by number: never a user's copy."""
     pattern = re.compile(re.escape(prefix) + r"(\d{4,})" + re.escape(suffix))
     return sorted((int(m.group(1)), p) for p in folder.glob(f"{prefix}*{suffix}") if (m := pattern.fullmatch(p.name)))
 
@@ -1640,8 +1602,7 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
-    """Temporary files of a process killed mid-write (atomic_write's `.NAME.tmpPID`), of gan_mnist's own names
-    only; the real files beside them are intact."""
+    """Temporaries of a writer killed mid-write (`.NAME.tmpPID`), of gan_mnist's own names only."""
     for folder in (run_dir, run_dir / "checkpoints", run_dir / "samples"):
         for tmp in folder.glob(".*.tmp*"):
             name = m.group(1) if (m := re.fullmatch(r"\.(.+)\.tmp\d+", tmp.name)) else ""
@@ -1935,8 +1896,7 @@ def interpolate_args(argv: list[str]) -> argparse.Namespace:
 
 
 def slerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
-    """Spherical interpolation between rows of a and b at fractions t (T): T x N x d. Gaussian z of this size
-    lie near a sphere, so a straight line between two would pass through unlikely, low-norm noise."""
+    """Spherical interpolation at fractions t (T x N x d): a straight line between Gaussian z passes low-norm noise."""
     omega = torch.acos(F.cosine_similarity(a, b, dim=-1).clamp(-1, 1))[None, :, None]
     t, sin = t[:, None, None], torch.sin(omega).clamp_min(1e-6)
     return torch.sin((1 - t) * omega) / sin * a + torch.sin(t * omega) / sin * b
@@ -1990,8 +1950,7 @@ COMMANDS = {"generate": (generate_args, generate), "evaluate": (evaluate_args, e
 
 
 def main(argv: list[str] | None = None) -> Result:
-    """Entry point: `main(["--epochs", "2"])` trains, `main(["generate", ...])` samples. Returns a Result;
-    usage errors raise SystemExit(2) as argparse does."""
+    """Entry point: `main(["--epochs", "2"])` trains, `main(["generate", ...])` samples; returns a Result."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
         parse, command = COMMANDS[argv[0]]

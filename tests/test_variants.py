@@ -146,10 +146,12 @@ def test_gradient_penalty_is_lambda_times_squared_distance_of_each_samples_gradi
 
 def test_critic_steps_leave_g_and_its_ema_alone_and_g_trains_on_every_nth_batch(train, monkeypatch) -> None:
     nets, _ = make_nets("--loss", "wgan-gp")
+    gan_mnist.train_step(nets, torch.zeros(8, 1, 28, 28), None, False, update_g=True)  # now the EMA is not G
     before = copy.deepcopy(nets)
     gan_mnist.train_step(nets, torch.zeros(8, 1, 28, 28), None, False, update_g=False)
     for old, new in ((before.G, nets.G), (before.ema, nets.ema)):
         assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+    assert torch.equal(before.ema_updates, nets.ema_updates)  # the EMA's warm-up counts G's steps only
     assert not all(torch.equal(a, b) for a, b in zip(before.D.parameters(), nets.D.parameters()))
     # The logs' critic statistics are raw scores: D's loss is the mean fake score less the mean real one.
     nets, _ = make_nets("--loss", "wgan-gp", "--gp-weight", "0")
