@@ -223,15 +223,21 @@ class Discriminator(nn.Module):
 # ================================================================================= 4. the training step
 
 
+@functools.cache
+def real_then_fake(batch: int, device: torch.device) -> Tensor:
+    """BCE's targets for [real; fake], 1 then 0: made once per batch size, not in every step."""
+    return torch.cat([torch.ones(batch), torch.zeros(batch)]).to(device)
+
+
 def bce_d_loss(logits: Tensor) -> Tensor:
     """The tutorial's D loss, of D's logits on [real; fake]: BCE against 1 for real digits, 0 for fakes."""
-    real, fake = logits.chunk(2)
-    return F.binary_cross_entropy_with_logits(logits, torch.cat([torch.ones_like(real), torch.zeros_like(fake)]))
+    return F.binary_cross_entropy_with_logits(logits, real_then_fake(len(logits) // 2, logits.device))
 
 
 def bce_g_loss(fake_logits: Tensor) -> Tensor:
     """G's non-saturating loss: BCE against 1 ('real') on its fakes, i.e. maximise log D(G(z))."""
-    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+    ones = real_then_fake(len(fake_logits), fake_logits.device)[: len(fake_logits)]
+    return F.binary_cross_entropy_with_logits(fake_logits, ones)
 
 
 def critic_loss(scores: Tensor) -> Tensor:

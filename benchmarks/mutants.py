@@ -114,10 +114,10 @@ MUTANTS: list[tuple[str, ...]] = [
     # -- the GAN step
     (
         "d-targets-swapped",
-        "torch.cat([torch.ones_like(real), torch.zeros_like(fake)])",
-        "torch.cat([torch.zeros_like(real), torch.ones_like(fake)])",
+        "torch.cat([torch.ones(batch), torch.zeros(batch)])",
+        "torch.cat([torch.zeros(batch), torch.ones(batch)])",
     ),
-    ("g-target-zero", "(fake_logits, torch.ones_like(fake_logits))", "(fake_logits, torch.zeros_like(fake_logits))"),
+    ("g-target-zero", "fake_logits.device)[: len(fake_logits)]", "fake_logits.device)[len(fake_logits) :]"),
     ("g-never-steps", "    nets.opt_g.step()\n", "    pass\n"),
     ("d-never-steps", "    nets.opt_d.step()\n", "    pass\n"),
     (
