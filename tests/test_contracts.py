@@ -191,3 +191,6 @@ def test_sample_grids_are_reproducible_from_the_seed(train, tmp_path: Path) -> N
         assert train(name, "--epochs", "1", "--seed", seed).exit_code == 0
     grid = {name: (tmp_path / name / "samples" / "epoch_0001.png").read_bytes() for name in "abc"}
     assert grid["a"] == grid["b"] and grid["a"] != grid["c"]
+    # and the noise itself is the seed's: an unseeded torch.Generator() would give every run the same noise
+    noise = {n: torch.load(tmp_path / n / "checkpoints" / "last.pt", weights_only=True)["fixed_noise"] for n in "abc"}
+    assert torch.equal(noise["a"], noise["b"]) and not torch.equal(noise["a"], noise["c"])
