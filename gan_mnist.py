@@ -477,7 +477,6 @@ def train_epoch(run: Run, epoch: int, stop: StopSignal) -> bool:
     """One epoch's steps from the saved step; False if a signal stopped it, the part-done epoch saved to last.pt."""
     cfg, state, nets = run.cfg, run.state, run.nets
     set_schedule(nets, cfg, epoch)
-    state.rng["data"] = run.data_rng.get_state()  # what a resume needs to redraw this epoch's order
     batches = epoch_batches(len(run.data), cfg.batch_size, run.data_rng)
     started = time.perf_counter() - state.epoch_seconds
     bar = tqdm(total=len(batches), initial=state.step, desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
@@ -526,7 +525,7 @@ def record_epoch(run: Run, epoch: int) -> None:
         flush=True,
     )
     state.epoch, state.step, state.epoch_steps, state.epoch_seconds = epoch, 0, 0, 0.0
-    state.rng["data"], state.epoch_stats = run.data_rng.get_state(), torch.zeros(4)
+    state.rng["data"], state.epoch_stats = run.data_rng.get_state(), torch.zeros(4)  # the next epoch's order
     run.nets.stats.zero_()
 
 

@@ -150,9 +150,9 @@ MUTANTS: list[tuple[str, ...]] = [
     ("batch-size-not-run-defining", '_f(64, "images per training step", defining=True)', '_f(64, "images per step")'),
     ("rng-not-restored", '    torch.set_rng_state(state.rng["torch"])\n', "    pass\n"),
     (
-        "epoch-order-not-restored-mid-epoch",
-        '    state.rng["data"] = run.data_rng.get_state()  # what a resume needs',
-        "    pass  # what a resume needs",
+        "next-epoch-order-not-saved",
+        'state.rng["data"], state.epoch_stats = run.data_rng.get_state(), torch.zeros(4)',
+        'state.rng["data"], state.epoch_stats = state.rng["data"], torch.zeros(4)',
     ),
     ("stale-grids-kept", "                png.unlink()\n", "                pass\n"),
     (
