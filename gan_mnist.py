@@ -1307,7 +1307,7 @@ def write_gif(run_dir: Path) -> None:
         for _, path in own_files(run_dir / "samples", "epoch_", ".png"):
             check_stop()
             with contextlib.suppress(OSError, ValueError, Image.DecompressionBombError), Image.open(path) as image:
-                frames.append(image.convert("P"))
+                frames.append(image.copy())  # read now: the file closes; save_gif converts
         if frames:
             save_gif(run_dir / "progress.gif", frames, duration=150)
 
