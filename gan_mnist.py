@@ -118,10 +118,10 @@ CONDITIONAL_RECIPES: dict[str, dict[str, Any]] = {"stable": {"r1_gamma": 0.0}, "
 
 
 def recipe_config(flags: dict[str, Any]) -> Config:
-    recipe = flags.get("recipe", Config.recipe)
-    conditional = CONDITIONAL_RECIPES[recipe] if flags.get("conditional", Config.conditional) else {}
-    loss = LOSS_RECIPES[flags.get("loss", Config.loss)]
-    return Config(**{**RECIPES[recipe], **loss, **conditional, **flags})
+    recipe = flags.get("recipe", Config.recipe)  # an unknown one presets nothing: check_config then refuses it
+    conditional = CONDITIONAL_RECIPES.get(recipe, {}) if flags.get("conditional", Config.conditional) else {}
+    loss = LOSS_RECIPES.get(flags.get("loss", Config.loss), {})
+    return Config(**{**RECIPES.get(recipe, {}), **loss, **conditional, **flags})
 
 
 # ============================================================================================== 2. data
@@ -557,11 +557,8 @@ def resolve_device(name: str) -> torch.device:
 
 def use_bf16(precision: str, device: torch.device) -> bool:
     """bf16 matmuls (fp32 weights and sums) where they are fast: CPUs with native bf16. CUDA has TF32 instead."""
-    if precision != "auto":
-        return precision == "bf16"
-    return (
-        device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return precision == "bf16" if precision != "auto" else device.type == "cpu" and native
 
 
 class CudaGraphStep:
@@ -654,10 +651,10 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict
     run = Run(cfg, run_dir, device, nets, images.to(device), labels.to(device), data_rng, state,
               step or functools.partial(train_step, nets), fixed, all_images, test_images)  # fmt: skip
     prepare_run_folder(run, resumed=checkpoint is not None)
+    resumed = f"\nresumed from {cfg.resume} at epoch {state.epoch}" + (f" step {state.step}" if state.step else "")
     print(f"gan_mnist: training on {device} ({torch.get_num_threads()} CPU threads), {len(run.data)} images, "
           f"{math.ceil(len(run.data) / cfg.batch_size)} steps/epoch, epochs {state.epoch + 1}..{cfg.epochs} -> "
-          f"{run_dir}" + (f"\nresumed from {cfg.resume} at epoch {state.epoch}" if checkpoint else "")
-          + (f" step {state.step}" if checkpoint and state.step else ""), flush=True)  # fmt: skip
+          f"{run_dir}{resumed if checkpoint else ''}", flush=True)  # fmt: skip
     if cfg.tensorboard:
         open_tensorboard(run)
     return run
@@ -895,11 +892,8 @@ class Judge(nn.Module):
 
 
 def weights_sha256(state_dict: dict[str, Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in state_dict.items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    data = (name.encode() + t.detach().cpu().contiguous().numpy().tobytes() for name, t in state_dict.items())
+    return hashlib.sha256(b"".join(data)).hexdigest()
 
 
 def train_judge(data_dir: str | Path, quiet: bool = False) -> tuple[Judge, float, int]:
@@ -940,9 +934,7 @@ def check_judge_path(path: Path) -> None:
         raise GanError(f"--judge {path}: {exc}; it is not a gan_mnist judge cache, so it is left as it is") from None
 
 
-def load_or_train_judge(
-    path: Path, data_dir: str | Path, quiet: bool = False, owned: bool = True
-) -> tuple[Judge, dict]:
+def load_or_train_judge(path: Path, data_dir: str | Path, quiet: bool = False, owned: bool = True) -> tuple[Judge, Any]:
     """The judge cached at `path`, trained when missing, corrupt or tampered; a user's path written only if new."""
     if not owned:
         check_judge_path(path)
@@ -1104,49 +1096,38 @@ class Evaluator:
                 write_json(cache, {"judge_sha256": self.judge_info["sha256"], "floor": floor})
         return floor
 
-    def __call__(self, G: nn.Module, seed: int = 0) -> dict[str, Any]:
-        """Scores `num` digits drawn from G (equal shares per digit if conditional), each chunk judged as drawn."""
-        started = time.perf_counter()
-        return self._metrics(*judge_outputs(self.judge, self._draw(G, seed), self.num), self._labels(G), started)
-
-    def sample(self, G: nn.Module, seed: int = 0) -> tuple[Tensor, Tensor | None]:
-        """The `num` digits that __call__ scores, as one tensor (for `evaluate`, which also saves them)."""
-        images = torch.empty(self.num, *IMAGE_SHAPE)
-        for start, chunk in zip(range(0, self.num, EVAL_CHUNK), self._draw(G, seed)):
-            images[start : start + len(chunk)] = chunk
-        return images, self._labels(G)
-
-    def _labels(self, G: nn.Module) -> Tensor | None:
-        return torch.arange(self.num) % NUM_CLASSES if G.num_classes else None
-
     @torch.no_grad()
-    def _draw(self, G: nn.Module, seed: int) -> Iterator[Tensor]:
-        device, labels = next(G.parameters()).device, self._labels(G)
+    def sample(self, G: nn.Module, seed: int = 0) -> tuple[Tensor, Tensor | None]:
+        """`num` digits of G in eval mode (equal shares per digit if conditional), and their labels."""
+        device, labels = next(G.parameters()).device, torch.arange(self.num) % NUM_CLASSES if G.num_classes else None
         z = torch.randn(self.num, G.latent_dim, generator=torch.Generator().manual_seed(seed))  # never shifts training
-        was_training = G.training
+        images, was_training = torch.empty(self.num, *IMAGE_SHAPE), G.training
         G.eval()
         try:
             for s in range(0, self.num, EVAL_CHUNK):
                 y = None if labels is None else labels[s : s + EVAL_CHUNK].to(device)
-                yield G(z[s : s + EVAL_CHUNK].to(device), y).float().cpu()
+                images[s : s + EVAL_CHUNK] = G(z[s : s + EVAL_CHUNK].to(device), y).float().cpu()
         finally:
             G.train(was_training)
+        return images, labels
 
-    def score(self, images: Tensor, labels: Tensor | None = None, memorise: bool = False) -> dict[str, Any]:
-        """Metrics of any images in [-1, 1]: per-digit accuracy if labels are given, the memorisation check if asked."""
+    def __call__(self, G: nn.Module, seed: int = 0) -> dict[str, Any]:
         started = time.perf_counter()
-        feats, probs = judge_outputs(self.judge, images)
-        metrics = self._metrics(feats, probs, labels, started)
-        return {**metrics, "memorisation": memorisation(self, images, feats)} if memorise else metrics
+        return self.score(*self.sample(G, seed), started=started)
 
-    def _metrics(self, feats: np.ndarray, probs: np.ndarray, labels: Tensor | None, started: float) -> dict[str, Any]:
+    def score(self, images: Tensor, labels: Tensor | None = None, memorise: bool = False,
+              started: float | None = None) -> dict[str, Any]:  # fmt: skip
+        """Metrics of any images in [-1, 1]: per-digit accuracy if labels are given, the memorisation check if asked."""
+        started = started or time.perf_counter()
+        feats, probs = judge_outputs(self.judge, images)
         metrics = sample_metrics(feats, probs, self.test_feats)
         if labels is not None:
             read = probs.argmax(1)
             metrics["digit_accuracy"] = [float((read[labels.numpy() == k] == k).mean()) for k in range(NUM_CLASSES)]
-        seconds = round(time.perf_counter() - started, 2)
+        if memorise:
+            metrics["memorisation"] = memorisation(self, images, feats)
         return {**metrics, "num_samples": len(feats), "real_floor": self.floor, "judge": self.judge_info,
-                "seconds": seconds}  # fmt: skip
+                "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
 
 
 METRIC_COLUMNS = ("epoch", "fid", "inception_score", "modes_covered", "kl_to_uniform", "precision", "recall")
@@ -1195,21 +1176,16 @@ def evaluate_epoch(run: Run, epoch: int) -> None:
 def write_csv(path: Path, rows: list[dict[str, float]], columns: Iterable[str]) -> None:
     """losses.csv and metrics.csv: epochs as integers, the rest to 6 significant digits."""
     columns = [c for c in columns if not rows or c in rows[0]]
-    lines = [",".join(columns)] + [
-        ",".join(f"{r[c]:.6g}" if c != "epoch" else str(r[c]) for c in columns) for r in rows
-    ]
-    atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    lines = [",".join(f"{r[c]:.6g}" if c != "epoch" else str(r[c]) for c in columns) for r in rows]
+    atomic_write(path, lambda f: f.write(("\n".join([",".join(columns), *lines]) + "\n").encode()))
 
 
 def grid_image(images: Tensor, nrow: int, scale: int = 1) -> Image.Image:
     """A grid as a PIL image, -1 black and +1 white as MNIST's digits, each digit scaled K times (no blur)."""
     import torchvision  # imported on first use: its import takes about 3 s, which --help need not wait for
 
-    if scale > 1:
-        images = F.interpolate(images.float(), scale_factor=scale, mode="nearest")
-    grid = torchvision.utils.make_grid(
-        images.float(), nrow=nrow, normalize=True, value_range=(-1, 1), padding=2 * scale
-    )
+    images = F.interpolate(images.float(), scale_factor=scale, mode="nearest") if scale > 1 else images.float()
+    grid = torchvision.utils.make_grid(images, nrow=nrow, normalize=True, value_range=(-1, 1), padding=2 * scale)
     return Image.fromarray(grid.mul(255).add_(0.5).clamp_(0, 255).byte()[0].numpy(), mode="L")
 
 
@@ -1231,13 +1207,6 @@ def save_samples(G: Generator, noise: Tensor, labels: Tensor | None, path: Path)
     grid = grid_image(G.eval()(noise, labels), 10 if labels is not None else 8)
     G.train(was_training)
     return save_png(path, grid)
-
-
-def sample_epoch(run: Run, epoch: int) -> None:
-    """The fixed-noise grid of this epoch, to samples/ and TensorBoard."""
-    grid = save_samples(run.nets.sampler(), *run.fixed, run.dir / "samples" / f"epoch_{epoch:04d}.png")
-    if run.tb is not None:
-        run.tb.add_image("samples/fixed_noise", np.asarray(grid), epoch, dataformats="HW")
 
 
 def open_tensorboard(run: Run) -> None:
@@ -1270,9 +1239,7 @@ def write_losses(run: Run, plot: bool) -> None:
         plot_curves(run.dir / "losses.png", run.state.history, panels)
 
 
-def plot_curves(
-    path: Path, rows: list[dict], panels: list[tuple[str, list[tuple[str, str]]]], log_y: tuple = ()
-) -> None:
+def plot_curves(path: Path, rows: list[dict], panels: list[tuple[str, list]], log_y: tuple = ()) -> None:
     """One panel per (y label, series); the panels named in `log_y` on a log scale."""
     import matplotlib
     import matplotlib.ticker as ticker
@@ -1283,8 +1250,8 @@ def plot_curves(
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (ylabel, series) in zip(axes[0], panels):
         for key, label in series:
-            marker = "o" if len(rows) < 30 else None
-            ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], marker=marker, ms=3, label=label)
+            ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], marker="o" if len(rows) < 30 else None, ms=3,
+                    label=label)  # fmt: skip
         ax.set(xlabel="epoch", ylabel=ylabel, yscale="log" if ylabel in log_y else "linear")
         ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         if ylabel in log_y:
@@ -1312,6 +1279,13 @@ def write_gif(run_dir: Path) -> None:
             save_gif(run_dir / "progress.gif", frames, duration=150)
 
 
+def sample_epoch(run: Run, epoch: int) -> None:
+    """The fixed-noise grid of this epoch, to samples/ and TensorBoard."""
+    grid = save_samples(run.nets.sampler(), *run.fixed, run.dir / "samples" / f"epoch_{epoch:04d}.png")
+    if run.tb is not None:
+        run.tb.add_image("samples/fixed_noise", np.asarray(grid), epoch, dataformats="HW")
+
+
 def write_logs(run: Run, final: bool) -> None:
     """losses.csv every epoch; the plot and the GIF at most every 10 and 30 s (they take a while), and at the end."""
     now = time.monotonic()
@@ -1325,10 +1299,9 @@ def write_logs(run: Run, final: bool) -> None:
 
 def save_epoch_checkpoint(run: Run, epoch: int) -> None:
     """last.pt every epoch (an epoch_NNNN.pt copy every --checkpoint-every), and generator.pt."""
-    periodic = epoch % run.cfg.checkpoint_every == 0 or epoch == run.cfg.epochs
-    save_checkpoint(
-        checkpoint_dict(run), run.ckpt_dir / "last.pt", *[run.ckpt_dir / f"epoch_{epoch:04d}.pt"] * periodic
-    )
+    every = epoch % run.cfg.checkpoint_every == 0 or epoch == run.cfg.epochs
+    periodic = [run.ckpt_dir / f"epoch_{epoch:04d}.pt"] * every
+    save_checkpoint(checkpoint_dict(run), run.ckpt_dir / "last.pt", *periodic)
     if periodic:
         prune_checkpoints(run.ckpt_dir, run.cfg.keep_checkpoints)
     save_generator(run.dir / "generator.pt", run.nets, epoch)
@@ -1373,11 +1346,10 @@ def write_summary(run: Run, status: str) -> Path:
         ["python", "gan_mnist.py", "evaluate", "--checkpoint", ckpt, "--data-dir", cfg.data_dir],
         ["python", "gan_mnist.py", "interpolate", "--checkpoint", ckpt, "--out", "walk.gif"],
     ] + [["tensorboard", "--logdir", run.dir.parent]] * cfg.tensorboard
-    line = f"{status}. Recipe {cfg.recipe} ({cfg.arch}, {cfg.loss}), seed {cfg.seed}, "
-    line += f"{state.epoch} of {cfg.epochs} epochs."
-    line += (
-        f" Best FID {best['fid']:.2f} at epoch {best['epoch']} (judge reference: MNIST test digits)." if best else ""
-    )
+    line = f"{status}. Recipe {cfg.recipe} ({cfg.arch}, {cfg.loss}), seed {cfg.seed}, {state.epoch} of {cfg.epochs}"
+    line += " epochs."
+    if best:
+        line += f" Best FID {best['fid']:.2f} at epoch {best['epoch']} (judge reference: MNIST test digits)."
     config = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in dataclasses.asdict(cfg).items())
     page = SUMMARY_PAGE.substitute(name=esc(run.dir.name), status=esc(line), figures=figures, metrics=rows,
                                    header="".join(f"<th>{c}</th>" for c in columns), config=config,
@@ -1403,27 +1375,23 @@ def finish_run(run: Run, signum: int) -> Result:
     write_gif(run.dir)
     if run.tb is not None:
         run.tb.close()
-    summary = write_summary(
-        run, f"finished {plural(state.epoch, 'epoch')}" if finished else f"stopped at epoch {state.epoch}"
-    )
-    if signum:
-        name = signal.Signals(signum).name
-        if finished and not pending:  # the signal came after the last step, while the outputs were written
-            print(f"\n{name}: the run had finished all {plural(state.epoch, 'epoch')}; saved {ckpt}", file=sys.stderr)
-        else:
-            where = (
-                f"in epoch {state.epoch}'s evaluation" if pending else f"at epoch {state.epoch + 1} step {state.step}"
-            )
-            resume = shell_command(["python", "gan_mnist.py", "--resume", ckpt, "--epochs", cfg.epochs])
-            print(f"\n{name}: stopped {where}; saved {ckpt}. Resume with: {resume}", file=sys.stderr, flush=True)
-        return Result(128 + signum, run.dir, state.history)
-    total = sum(row["seconds"] for row in state.history)
-    print(f"done: {plural(state.epoch, 'epoch')} ({total:.0f}s of training) -> {run.dir}/ (samples/, progress.gif, "
-          "losses.png, generator.pt, checkpoints/)")  # fmt: skip
-    if state.best is not None:
-        print(f"best: epoch {state.best['epoch']} (FID {state.best['fid']:.2f}) -> {run.dir / 'generator_best.pt'}")
-    print(f"summary: {summary}", flush=True)
-    return Result(0, run.dir, state.history)
+    status = f"finished {plural(state.epoch, 'epoch')}" if finished else f"stopped at epoch {state.epoch}"
+    summary = write_summary(run, status)
+    if signum and finished and not pending:  # the signal came after the last step, while the outputs were written
+        print(f"\n{signal.Signals(signum).name}: the run had finished all {plural(state.epoch, 'epoch')}; saved {ckpt}",
+              file=sys.stderr)  # fmt: skip
+    elif signum:
+        where = f"in epoch {state.epoch}'s evaluation" if pending else f"at epoch {state.epoch + 1} step {state.step}"
+        resume = shell_command(["python", "gan_mnist.py", "--resume", ckpt, "--epochs", cfg.epochs])
+        print(f"\n{signal.Signals(signum).name}: stopped {where}; saved {ckpt}. Resume with: {resume}", file=sys.stderr,
+              flush=True)  # fmt: skip
+    else:
+        print(f"done: {plural(state.epoch, 'epoch')} ({sum(row['seconds'] for row in state.history):.0f}s of training) "
+              f"-> {run.dir}/ (samples/, progress.gif, losses.png, generator.pt, checkpoints/)")  # fmt: skip
+        if state.best is not None:
+            print(f"best: epoch {state.best['epoch']} (FID {state.best['fid']:.2f}) -> {run.dir / 'generator_best.pt'}")
+        print(f"summary: {summary}", flush=True)
+    return Result(128 + signum if signum else 0, run.dir, state.history)
 
 
 # ================================================================================= run-folder safety
@@ -1583,7 +1551,10 @@ def prepare_run_folder(run: Run, resumed: bool) -> None:
         if folder.is_symlink():  # pruning there would delete files outside the run
             raise GanError(f"{folder} is a link; gan_mnist keeps a run's files in real folders inside the run folder")
         make_folder(folder, f"the folder {folder}")
-    remove_stale_temporaries(run.dir)
+    for tmp in [p for folder in (run.dir, run.ckpt_dir, run.dir / "samples") for p in folder.glob(".*.tmp*")]:
+        name = m.group(1) if (m := re.fullmatch(r"\.(.+)\.tmp\d+", tmp.name)) else ""  # of a writer killed mid-write
+        if name in RUN_OUTPUTS or re.fullmatch(r"(epoch_\d{4,}|last)\.(pt|png)", name):  # gan_mnist's own names only
+            tmp.unlink(missing_ok=True)
     config = {**dataclasses.asdict(run.cfg), "run_id": run.state.run_id, "invocations": run.state.invocations}
     write_json(run.dir / "config.json", config)
     if resumed:
@@ -1604,15 +1575,6 @@ def own_files(folder: Path, prefix: str, suffix: str) -> list[tuple[int, Path]]:
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
     for _, old in own_files(ckpt_dir, "epoch_", ".pt")[:-keep] if keep else []:
         old.unlink()
-
-
-def remove_stale_temporaries(run_dir: Path) -> None:
-    """Temporaries of a writer killed mid-write (`.NAME.tmpPID`), of gan_mnist's own names only."""
-    for folder in (run_dir, run_dir / "checkpoints", run_dir / "samples"):
-        for tmp in folder.glob(".*.tmp*"):
-            name = m.group(1) if (m := re.fullmatch(r"\.(.+)\.tmp\d+", tmp.name)) else ""
-            if name in RUN_OUTPUTS or re.fullmatch(r"(epoch_\d{4,}|last)\.(pt|png)", name):
-                tmp.unlink(missing_ok=True)
 
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -1699,14 +1661,11 @@ def build_train_parser() -> argparse.ArgumentParser:
                                      "generate, evaluate, interpolate (see gan_mnist.py generate --help).")  # fmt: skip
     for f in dataclasses.fields(Config):
         help_text = f.metadata["help"] + ("" if "default" in f.metadata["help"] else f" (default: {f.default!r})")
+        kind = _device_arg if f.name == "device" else {"int": int, "float": float, "str": str}.get(f.type)
+        typed = {"type": kind, "metavar": f.metadata.get("metavar")} if kind else {}  # a bool on by default: --no-X
+        action = "store" if kind else argparse.BooleanOptionalAction if f.default else "store_true"
         # SUPPRESS keeps the flags not typed out of the namespace: a resume takes those from the checkpoint.
-        if f.type == "bool":  # a flag that is on by default also gets its --no- form
-            action = argparse.BooleanOptionalAction if f.default else "store_true"
-            parser.add_argument(_flag(f.name), action=action, default=argparse.SUPPRESS, help=help_text)
-        else:
-            kind = _device_arg if f.name == "device" else {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(_flag(f.name), type=kind, default=argparse.SUPPRESS, help=help_text,
-                                metavar=f.metadata.get("metavar"))  # fmt: skip
+        parser.add_argument(_flag(f.name), action=action, default=argparse.SUPPRESS, help=help_text, **typed)
     return parser
 
 
@@ -1773,28 +1732,23 @@ def generate_args(argv: list[str]) -> argparse.Namespace:
     return p.error(error) if error else args
 
 
-def generate_labels(args: argparse.Namespace, G: Generator) -> tuple[Tensor | None, int]:
-    """The digit of each image (None: unconditional) and the grid's row width."""
-    digit, nrow = args.digit, max(1, int(math.sqrt(args.num)))
-    if digit is not None and not G.num_classes:
-        raise GanError(f"--digit needs a conditional generator; {args.checkpoint} is unconditional")
-    if G.num_classes and digit in (None, "all"):  # a conditional model draws one row per digit unless asked for one
-        per_digit = math.ceil(args.num / 10)
-        if per_digit * 10 != args.num:
-            print(f"note: {plural(per_digit, 'digit')} of each kind, {per_digit * 10} in all (one row per digit)")
-        return torch.arange(10).repeat_interleave(per_digit), per_digit
-    if digit is not None and digit not in tuple("0123456789"):  # not isdigit(): it takes '²', which int() refuses
-        raise GanError(f"--digit {digit}: choose a digit 0-9 or 'all'")
-    return (None if digit is None else torch.full((args.num,), int(digit))), nrow
-
-
 def generate(args: argparse.Namespace) -> Result:
-    out = Path(args.out)
+    out, digit, labels, nrow = Path(args.out), args.digit, None, max(1, int(math.sqrt(args.num)))
     if args.to_folder and out.is_dir() and any(out.iterdir()):
         raise GanError(f"--out {out} already holds files; give a new or empty folder for one file per digit")
     G, _, device = command_generator(args)
     torch.manual_seed(args.seed)
-    labels, nrow = generate_labels(args, G)
+    if digit is not None and not G.num_classes:
+        raise GanError(f"--digit needs a conditional generator; {args.checkpoint} is unconditional")
+    if G.num_classes and digit in (None, "all"):  # a conditional model draws one row per digit unless asked for one
+        nrow = math.ceil(args.num / 10)
+        if nrow * 10 != args.num:
+            print(f"note: {plural(nrow, 'digit')} of each kind, {nrow * 10} in all (one row per digit)")
+        labels = torch.arange(10).repeat_interleave(nrow)
+    elif digit is not None and digit not in tuple("0123456789"):  # not isdigit(): it takes '²', which int() refuses
+        raise GanError(f"--digit {digit}: choose a digit 0-9 or 'all'")
+    elif digit is not None:
+        labels = torch.full((args.num,), int(digit))
     num = len(labels) if labels is not None else args.num
 
     @torch.no_grad()
@@ -1901,8 +1855,8 @@ def interpolate_args(argv: list[str]) -> argparse.Namespace:
 
 
 def slerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
-    """Spherical interpolation at fractions t (T x N x d): a straight line between Gaussian z passes low-norm noise."""
-    omega = torch.acos(F.cosine_similarity(a, b, dim=-1).clamp(-1, 1))[None, :, None]
+    """Spherical interpolation, a to b (T x N x d) at fractions t (T): a line between Gaussian z passes low norms."""
+    omega = torch.acos(F.cosine_similarity(a, b, dim=-1).clamp(-1, 1))[..., None]
     t, sin = t[:, None, None], torch.sin(omega).clamp_min(1e-6)
     return torch.sin((1 - t) * omega) / sin * a + torch.sin(t * omega) / sin * b
 
@@ -1927,10 +1881,8 @@ def walk(args: argparse.Namespace, G: Generator, device: torch.device) -> Tensor
         return torch.stack([G.decode(z, v.expand(args.paths, -1)) for v in vectors])
     waypoints = torch.randn(args.points, args.paths, G.latent_dim, generator=rng).to(device)
     segment, t = walk_fractions(args.points, args.frames, loop=args.gif)
-    z = [
-        slerp(waypoints[s], waypoints[(s + 1) % args.points], t[i : i + 1].to(device))[0] for i, s in enumerate(segment)
-    ]
     labels = (torch.arange(args.paths, device=device) % NUM_CLASSES) if G.num_classes else None
+    z = slerp(waypoints[segment], waypoints[(segment + 1) % args.points], t.to(device))
     return torch.stack([G(zf, labels) for zf in z])
 
 
@@ -1964,9 +1916,6 @@ def main(argv: list[str] | None = None) -> Result:
     else:
         parser = build_train_parser()
         namespace = vars(parser.parse_args(argv))
-        for name, known in (("recipe", RECIPES), ("arch", ARCHS), ("loss", LOSSES)):  # before their presets apply
-            if namespace.get(name, getattr(Config, name)) not in known:
-                parser.error(f"--{name} must be one of {', '.join(known)}")
         cfg = recipe_config(namespace)
         if check_config(cfg):
             parser.error(check_config(cfg))

@@ -246,8 +246,8 @@ MUTANTS: list[tuple[str, ...]] = [
     ),
     (
         "all-digits-row-width",
-        "return torch.arange(10).repeat_interleave(per_digit), per_digit",
-        "return torch.arange(10).repeat_interleave(per_digit), nrow",
+        "save_png(out, grid_image(draw(0, num), nrow, args.scale))",
+        "save_png(out, grid_image(draw(0, num), max(1, int(math.sqrt(num))), args.scale))",
     ),
     ("ema-decay-uncapped", ").clamp(max=self.ema_decay)", ")"),
 ]
