@@ -174,9 +174,9 @@ def discriminator_body(arch: str) -> tuple[nn.Sequential, int]:
     """Image -> features, and their size. No batch norm: R1 and the gradient penalty are per-sample gradients."""
     if arch == "mlp":
         return nn.Sequential(nn.Flatten(), *_mlp([784, 512, 256], last_activation=True)), 256
-    c = DCGAN_WIDTH  # strided convolutions 28 -> 14 -> 7
+    c = DCGAN_WIDTH  # strided convolutions 28 -> 14 -> 7, then a hidden layer over the whole digit (README)
     return nn.Sequential(nn.Conv2d(1, c, 4, 2, 1), nn.LeakyReLU(0.2, True), nn.Conv2d(c, 2 * c, 4, 2, 1),
-                         nn.LeakyReLU(0.2, True), nn.Flatten()), 2 * c * 49  # fmt: skip
+                         nn.LeakyReLU(0.2, True), nn.Flatten(), *_mlp([2 * c * 49, 256], True)), 256  # fmt: skip
 
 
 class Generator(nn.Module):
@@ -349,15 +349,15 @@ def train_step(nets: Nets, real: Tensor, labels: Tensor | None, r1: bool = False
             alpha = torch.rand(batch, 1, 1, 1, device=real.device)
             x_hat = torch.lerp(real, fake.detach().to(real.dtype), alpha).requires_grad_(True)
             hat_logits = D(x_hat, labels).float()  # a pass of their own: the double backward then covers them only
-    d_loss = penalty = nets.loss.d(d_logits)
+    d_loss = d_total = nets.loss.d(d_logits)  # d_total: with the penalties below, what D steps on
     if r1:  # R1 (Mescheder et al. 2018): gamma/2 * |grad_x D(x)|^2 at real digits keeps D smooth where data is
         (grad,) = torch.autograd.grad(d_logits[:batch].sum(), d_in, create_graph=True)
-        penalty = penalty + nets.r1_weight * grad[:batch].float().square().sum(dim=(1, 2, 3)).mean()
+        d_total = d_total + nets.r1_weight * grad[:batch].float().square().sum(dim=(1, 2, 3)).mean()
     if gp:  # Gulrajani et al. 2017: lambda * (|grad D(x_hat)| - 1)^2, the norm over all of a sample's pixels
         (grad,) = torch.autograd.grad(hat_logits.sum(), x_hat, create_graph=True)
-        penalty = penalty + nets.gp_weight * (grad.float().flatten(1).norm(dim=1) - 1).square().mean()
+        d_total = d_total + nets.gp_weight * (grad.float().flatten(1).norm(dim=1) - 1).square().mean()
     nets.opt_d.zero_grad(set_to_none=True)
-    penalty.backward()
+    d_total.backward()
     nets.opt_d.step()
 
     # (2) Update G: maximise log D(G(z)) (BCE's non-saturating form; a critic: D(G(z))). D's weights get no gradients.

@@ -46,7 +46,7 @@ MUTANTS: list[tuple[str, ...]] = [
     # -- the variants: DCGAN and WGAN-GP (the GP's two bugs the reference implementations carry come first)
     ("gp-alpha-per-pixel", "alpha = torch.rand(batch, 1, 1, 1, device=real.device)", "alpha = torch.rand_like(real)"),
     ("gp-norm-over-channels", "(grad.float().flatten(1).norm(dim=1) - 1)", "(grad.float().norm(dim=1) - 1)"),
-    ("gp-weight-ignored", "penalty + nets.gp_weight * (grad", "penalty + 1.0 * (grad"),
+    ("gp-weight-ignored", "d_total + nets.gp_weight * (grad", "d_total + 1.0 * (grad"),
     ("critic-loss-sign", "return fake.mean() - real.mean()", "return real.mean() - fake.mean()"),
     ("g-trains-every-batch", "done % cfg.n_critic == 0", "True"),
     ("ema-moves-on-critic-steps", "        if update_g:\n            nets.update_ema()", "        nets.update_ema()"),
@@ -54,6 +54,11 @@ MUTANTS: list[tuple[str, ...]] = [
     ("generator-file-forgets-arch", '"arch": G.arch,', '"arch": "mlp",'),
     ("checkpoint-rebuild-ignores-arch", 'arch = config.get("arch", "mlp")', 'arch = "mlp"'),
     ("batch-norm-eps-for-momentum", "nn.BatchNorm2d(c), nn.ReLU(True)", "nn.BatchNorm2d(c, 0.8), nn.ReLU(True)"),
+    (
+        "dcgan-critic-without-hidden-layer",
+        "nn.Flatten(), *_mlp([2 * c * 49, 256], True)), 256",
+        "nn.Flatten()), 2 * c * 49",
+    ),
     (
         "batch-norm-in-the-critic",
         "nn.Conv2d(c, 2 * c, 4, 2, 1),",
@@ -239,6 +244,11 @@ MUTANTS: list[tuple[str, ...]] = [
     ("summary-config-unescaped", "<td>{esc(str(v))}</td>", "<td>{v}</td>"),
     ("summary-commands-unescaped", 'commands=esc("\\n".join(', 'commands=("\\n".join('),
     ("floor-on-all-training-digits", "self.train_images[: self.num].cpu()", "self.train_images.cpu()"),
+    (
+        "evaluation-leaves-g-in-eval-mode",
+        "        finally:\n            G.train(was_training)",
+        "        finally:\n            pass",
+    ),
     (
         "evaluate-loses-the-labels",
         "**evaluator.score(images, labels, memorise=True)",
