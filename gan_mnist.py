@@ -1250,8 +1250,8 @@ def plot_curves(path: Path, rows: list[dict], panels: list[tuple[str, list]], lo
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (ylabel, series) in zip(axes[0], panels):
         for key, label in series:
-            ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], marker="o" if len(rows) < 30 else None, ms=3,
-                    label=label)  # fmt: skip
+            marker = "o" if len(rows) < 30 else None
+            ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], marker=marker, ms=3, label=label)
         ax.set(xlabel="epoch", ylabel=ylabel, yscale="log" if ylabel in log_y else "linear")
         ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         if ylabel in log_y:
@@ -1346,8 +1346,8 @@ def write_summary(run: Run, status: str) -> Path:
         ["python", "gan_mnist.py", "evaluate", "--checkpoint", ckpt, "--data-dir", cfg.data_dir],
         ["python", "gan_mnist.py", "interpolate", "--checkpoint", ckpt, "--out", "walk.gif"],
     ] + [["tensorboard", "--logdir", run.dir.parent]] * cfg.tensorboard
-    line = f"{status}. Recipe {cfg.recipe} ({cfg.arch}, {cfg.loss}), seed {cfg.seed}, {state.epoch} of {cfg.epochs}"
-    line += " epochs."
+    line = f"{status}. Recipe {cfg.recipe} ({cfg.arch}, {cfg.loss}), seed {cfg.seed}, "
+    line += f"{state.epoch} of {cfg.epochs} epochs."
     if best:
         line += f" Best FID {best['fid']:.2f} at epoch {best['epoch']} (judge reference: MNIST test digits)."
     config = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in dataclasses.asdict(cfg).items())
