@@ -934,7 +934,9 @@ def check_judge_path(path: Path) -> None:
         raise GanError(f"--judge {path}: {exc}; it is not a gan_mnist judge cache, so it is left as it is") from None
 
 
-def load_or_train_judge(path: Path, data_dir: str | Path, quiet: bool = False, owned: bool = True) -> tuple[Judge, Any]:
+def load_or_train_judge(
+    path: Path, data_dir: str | Path, quiet: bool = False, owned: bool = True
+) -> tuple[Judge, dict]:
     """The judge cached at `path`, trained when missing, corrupt or tampered; a user's path written only if new."""
     if not owned:
         check_judge_path(path)
@@ -1209,6 +1211,13 @@ def save_samples(G: Generator, noise: Tensor, labels: Tensor | None, path: Path)
     return save_png(path, grid)
 
 
+def sample_epoch(run: Run, epoch: int) -> None:
+    """The fixed-noise grid of this epoch, to samples/ and TensorBoard."""
+    grid = save_samples(run.nets.sampler(), *run.fixed, run.dir / "samples" / f"epoch_{epoch:04d}.png")
+    if run.tb is not None:
+        run.tb.add_image("samples/fixed_noise", np.asarray(grid), epoch, dataformats="HW")
+
+
 def open_tensorboard(run: Run) -> None:
     """Event files in <run>/tensorboard; a resume purges the epochs it redoes, a new run logs its config."""
     try:
@@ -1277,13 +1286,6 @@ def write_gif(run_dir: Path) -> None:
                 frames.append(image.copy())  # read now: the file closes; save_gif converts
         if frames:
             save_gif(run_dir / "progress.gif", frames, duration=150)
-
-
-def sample_epoch(run: Run, epoch: int) -> None:
-    """The fixed-noise grid of this epoch, to samples/ and TensorBoard."""
-    grid = save_samples(run.nets.sampler(), *run.fixed, run.dir / "samples" / f"epoch_{epoch:04d}.png")
-    if run.tb is not None:
-        run.tb.add_image("samples/fixed_noise", np.asarray(grid), epoch, dataformats="HW")
 
 
 def write_logs(run: Run, final: bool) -> None:
@@ -1377,14 +1379,13 @@ def finish_run(run: Run, signum: int) -> Result:
         run.tb.close()
     status = f"finished {plural(state.epoch, 'epoch')}" if finished else f"stopped at epoch {state.epoch}"
     summary = write_summary(run, status)
+    name = signal.Signals(signum).name if signum else ""
     if signum and finished and not pending:  # the signal came after the last step, while the outputs were written
-        print(f"\n{signal.Signals(signum).name}: the run had finished all {plural(state.epoch, 'epoch')}; saved {ckpt}",
-              file=sys.stderr)  # fmt: skip
+        print(f"\n{name}: the run had finished all {plural(state.epoch, 'epoch')}; saved {ckpt}", file=sys.stderr)
     elif signum:
         where = f"in epoch {state.epoch}'s evaluation" if pending else f"at epoch {state.epoch + 1} step {state.step}"
         resume = shell_command(["python", "gan_mnist.py", "--resume", ckpt, "--epochs", cfg.epochs])
-        print(f"\n{signal.Signals(signum).name}: stopped {where}; saved {ckpt}. Resume with: {resume}", file=sys.stderr,
-              flush=True)  # fmt: skip
+        print(f"\n{name}: stopped {where}; saved {ckpt}. Resume with: {resume}", file=sys.stderr, flush=True)
     else:
         print(f"done: {plural(state.epoch, 'epoch')} ({sum(row['seconds'] for row in state.history):.0f}s of training) "
               f"-> {run.dir}/ (samples/, progress.gif, losses.png, generator.pt, checkpoints/)")  # fmt: skip
@@ -1855,7 +1856,7 @@ def interpolate_args(argv: list[str]) -> argparse.Namespace:
 
 
 def slerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
-    """Spherical interpolation, a to b (T x N x d) at fractions t (T): a line between Gaussian z passes low norms."""
+    """Spherical interpolation of a to b (T x N x d) at fractions t (T): a straight line passes low-norm noise."""
     omega = torch.acos(F.cosine_similarity(a, b, dim=-1).clamp(-1, 1))[..., None]
     t, sin = t[:, None, None], torch.sin(omega).clamp_min(1e-6)
     return torch.sin((1 - t) * omega) / sin * a + torch.sin(t * omega) / sin * b
