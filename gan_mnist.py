@@ -74,7 +74,7 @@ class Config:
     loss: str = _f("bce", "bce (the tutorial's) or wgan-gp (a critic with a gradient penalty; presets its recipe)",
                    defining=True)  # fmt: skip
     ema_decay: float = _f(0.999, "EMA of G's weights for samples, generate and evaluate (0 = off)", defining=True)
-    # the stabilisers: --recipe presets them (RECIPES below); a flag given beside it wins
+    # the stabilisers: --recipe, --loss and --conditional preset them (PRESETS below); a flag given beside them wins
     recipe: str = _f("stable", "stable: the tutorial's maths plus lazy R1; tutorial: as published", defining=True)
     r1_gamma: float = _f(1.0, "weight of the R1 penalty on D's gradient at real digits (0 = off)")
     r1_every: int = _f(8, "apply the R1 penalty every N D steps, its weight scaled by N (lazy R1)", metavar="N")
@@ -107,21 +107,20 @@ class Config:
 
 # A resumed run must keep these: they define the model or the data stream that the checkpoint continues.
 RUN_DEFINING = tuple(f.name for f in dataclasses.fields(Config) if f.metadata.get("defining"))
-# What --recipe, --loss and --conditional preset, in that order, before the flags the user typed (README, 'The
-# default recipe', 'Which GAN?'). "tutorial" is the blog's maths; WGAN-GP's are the paper's, with no R1 beside its
-# gradient penalty; a conditional GAN trains best without R1, which also smooths D's label term. The DCGAN trains
-# best with the default's (README: R1 gamma, no R1 and TTUR measured).
-RECIPES: dict[str, dict[str, Any]] = {"stable": {}, "tutorial": {"r1_gamma": 0.0, "lr_decay": "none"}}
-LOSS_RECIPES: dict[str, dict[str, Any]] = {
-    "bce": {}, "wgan-gp": {"lr": 1e-4, "b2": 0.9, "n_critic": 5, "gp_weight": 10.0, "r1_gamma": 0.0}}  # fmt: skip
-CONDITIONAL_RECIPES: dict[str, dict[str, Any]] = {"stable": {"r1_gamma": 0.0}, "tutorial": {}}
+RECIPES = ("stable", "tutorial")
+# What a choice presets, applied in this order, then the flags the user typed (README, 'The default recipe', 'Which
+# GAN?'). "stable" is the Config defaults; "tutorial" the blog's maths; WGAN-GP's the paper's, with no R1 beside
+# its gradient penalty; a conditional GAN trains best without R1, which also smooths D's label term.
+PRESETS: dict[tuple[str, Any], dict[str, Any]] = {
+    ("recipe", "tutorial"): {"r1_gamma": 0.0},
+    ("loss", "wgan-gp"): {"lr": 1e-4, "b2": 0.9, "n_critic": 5, "gp_weight": 10.0, "r1_gamma": 0.0},
+    ("conditional", True): {"r1_gamma": 0.0},
+}
 
 
 def recipe_config(flags: dict[str, Any]) -> Config:
-    recipe = flags.get("recipe", Config.recipe)  # an unknown one presets nothing: check_config then refuses it
-    conditional = CONDITIONAL_RECIPES.get(recipe, {}) if flags.get("conditional", Config.conditional) else {}
-    loss = LOSS_RECIPES.get(flags.get("loss", Config.loss), {})
-    return Config(**{**RECIPES.get(recipe, {}), **loss, **conditional, **flags})
+    chosen = [(name, flags.get(name, getattr(Config, name))) for name in ("recipe", "loss", "conditional")]
+    return Config(**({k: v for choice in chosen for k, v in PRESETS.get(choice, {}).items()} | flags))
 
 
 # ============================================================================================== 2. data
