@@ -49,6 +49,7 @@ VARIANTS: dict[str, list[str]] = {
     "dcgan-no-r1": ["--arch", "dcgan", "--r1-gamma", "0"],
     "dcgan-fp32": ["--arch", "dcgan", "--precision", "fp32"],
     "dcgan-ttur": ["--arch", "dcgan", "--d-lr", "4e-4"],
+    "dcgan-lr-decay": ["--arch", "dcgan", "--lr-decay", "linear"],
     "wgan-gp": ["--loss", "wgan-gp"],
     "dcgan-wgan-gp": ["--arch", "dcgan", "--loss", "wgan-gp"],
     "conditional-dcgan": ["--arch", "dcgan", "--conditional"],
@@ -148,7 +149,7 @@ def main() -> None:
     args = p.parse_args()
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
+    if unknown and not args.table_only:  # a table may also read runs of an earlier version (README: "earlier D")
         p.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     report = [int(e) for e in args.report.split(",")]
