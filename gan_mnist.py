@@ -108,19 +108,21 @@ class Config:
 # A resumed run must keep these: they define the model or the data stream that the checkpoint continues.
 RUN_DEFINING = tuple(f.name for f in dataclasses.fields(Config) if f.metadata.get("defining"))
 RECIPES = ("stable", "tutorial")
-# What a choice presets, applied in this order, then the flags the user typed (README, 'The default recipe', 'Which
-# GAN?'). "stable" is the Config defaults; "tutorial" the blog's maths; WGAN-GP's the paper's, with no R1 beside
-# its gradient penalty; a conditional GAN trains best without R1, which also smooths D's label term.
-PRESETS: dict[tuple[str, Any], dict[str, Any]] = {
-    ("recipe", "tutorial"): {"r1_gamma": 0.0},
-    ("loss", "wgan-gp"): {"lr": 1e-4, "b2": 0.9, "n_critic": 5, "gp_weight": 10.0, "r1_gamma": 0.0},
-    ("conditional", True): {"r1_gamma": 0.0},
-}
+# What the choices preset, each entry where all its choices hold, in this order, then the flags the user typed
+# (README, 'The default recipe', 'Which GAN?'). "stable" is the Config defaults; "tutorial" the blog's maths;
+# WGAN-GP's the paper's, with no R1 beside its gradient penalty. The conditional MLP trains best without R1; the
+# conditional DCGAN, whose D is stronger, with it.
+PRESETS: list[tuple[dict[str, Any], dict[str, Any]]] = [
+    ({"recipe": "tutorial"}, {"r1_gamma": 0.0}),
+    ({"loss": "wgan-gp"}, {"lr": 1e-4, "b2": 0.9, "n_critic": 5, "gp_weight": 10.0, "r1_gamma": 0.0}),
+    ({"conditional": True, "arch": "mlp"}, {"r1_gamma": 0.0}),
+]
 
 
 def recipe_config(flags: dict[str, Any]) -> Config:
-    chosen = [(name, flags.get(name, getattr(Config, name))) for name in ("recipe", "loss", "conditional")]
-    return Config(**({k: v for choice in chosen for k, v in PRESETS.get(choice, {}).items()} | flags))
+    chosen = {name: flags.get(name, getattr(Config, name)) for name in ("recipe", "arch", "loss", "conditional")}
+    preset = {k: v for when, settings in PRESETS if when.items() <= chosen.items() for k, v in settings.items()}
+    return Config(**(preset | flags))
 
 
 # ============================================================================================== 2. data

@@ -115,8 +115,9 @@ MUTANTS: list[tuple[str, ...]] = [
         "logits = logits + (self.label_projection(torch.zeros_like(labels)) * h).sum(dim=1)",
     ),
     ("generate-wrong-digit", "torch.full((args.num,), int(digit))", "torch.full((args.num,), 9 - int(digit))"),
-    ("conditional-default-keeps-r1", '("conditional", True): {"r1_gamma": 0.0}', '("conditional", True): {}'),
-    ("tutorial-recipe-keeps-r1", '("recipe", "tutorial"): {"r1_gamma": 0.0}', '("recipe", "tutorial"): {}'),
+    ("conditional-default-keeps-r1", '"arch": "mlp"}, {"r1_gamma": 0.0}', '"arch": "mlp"}, {}'),
+    ("conditional-dcgan-drops-r1", '({"conditional": True, "arch": "mlp"}', '({"conditional": True}'),
+    ("tutorial-recipe-keeps-r1", '({"recipe": "tutorial"}, {"r1_gamma": 0.0})', '({"recipe": "tutorial"}, {})'),
     # -- the GAN step
     (
         "d-targets-swapped",
