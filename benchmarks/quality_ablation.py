@@ -53,7 +53,7 @@ VARIANTS: dict[str, list[str]] = {
     "wgan-gp": ["--loss", "wgan-gp"],
     "dcgan-wgan-gp": ["--arch", "dcgan", "--loss", "wgan-gp"],
     "conditional-dcgan": ["--arch", "dcgan", "--conditional"],
-    "conditional-dcgan-r1": ["--arch", "dcgan", "--conditional", "--r1-gamma", "1"],
+    "conditional-dcgan-no-r1": ["--arch", "dcgan", "--conditional", "--r1-gamma", "0"],
 }
 COLUMNS = (("fid", "FID"), ("inception_score", "IS"), ("kl_to_uniform", "KL"), ("recall", "recall"))
 
