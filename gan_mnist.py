@@ -74,7 +74,7 @@ class Config:
     loss: str = _f("bce", "bce (the tutorial's) or wgan-gp (a critic with a gradient penalty; presets its recipe)",
                    defining=True)  # fmt: skip
     ema_decay: float = _f(0.999, "EMA of G's weights for samples, generate and evaluate (0 = off)", defining=True)
-    # the stabilisers: --recipe, --loss and --conditional preset them (PRESETS below); a flag given beside them wins
+    # the stabilisers: --recipe, --loss, --conditional and --arch preset them (PRESETS below); a flag typed wins
     recipe: str = _f("stable", "stable: the tutorial's maths plus lazy R1; tutorial: as published", defining=True)
     r1_gamma: float = _f(1.0, "weight of the R1 penalty on D's gradient at real digits (0 = off)")
     r1_every: int = _f(8, "apply the R1 penalty every N D steps, its weight scaled by N (lazy R1)", metavar="N")

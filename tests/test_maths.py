@@ -45,7 +45,7 @@ FINGERPRINT_CASES = pytest.mark.parametrize(
         ([], "default"),
         (["--recipe", "tutorial"], ""),
         (["--recipe", "tutorial", "--conditional"], "--conditional"),
-        # The default recipe trains a conditional GAN with the tutorial's maths (PRESETS), so the
+        # The default recipe trains a conditional MLP GAN with the tutorial's maths (PRESETS), so the
         # conditional GAN keeps the figures it had before recipes existed, bit for bit.
         (["--conditional"], "--conditional"),
     ],
