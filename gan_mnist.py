@@ -1258,9 +1258,9 @@ def plot_curves(path: Path, rows: list[dict], panels: list[tuple[str, list]], lo
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    marker = "o" if len(rows) < 30 else None  # points only while they can be told apart
     for ax, (ylabel, series) in zip(axes[0], panels):
         for key, label in series:
-            marker = "o" if len(rows) < 30 else None
             ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], marker=marker, ms=3, label=label)
         ax.set(xlabel="epoch", ylabel=ylabel, yscale="log" if ylabel in log_y else "linear")
         ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
