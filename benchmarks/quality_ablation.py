@@ -45,6 +45,8 @@ VARIANTS: dict[str, list[str]] = {
     "dcgan": ["--arch", "dcgan"],
     "dcgan-r1": ["--arch", "dcgan", "--r1-gamma", "1"],
     "dcgan-r1-gamma0.1": ["--arch", "dcgan", "--r1-gamma", "0.1"],
+    "dcgan-r1-gamma2": ["--arch", "dcgan", "--r1-gamma", "2"],
+    "dcgan-r1-gamma4": ["--arch", "dcgan", "--r1-gamma", "4"],
     "dcgan-r1-gamma5": ["--arch", "dcgan", "--r1-gamma", "5"],
     "dcgan-no-r1": ["--arch", "dcgan", "--r1-gamma", "0"],
     "dcgan-fp32": ["--arch", "dcgan", "--precision", "fp32"],
