@@ -117,14 +117,14 @@ MUTANTS: list[tuple[str, ...]] = [
     ("generate-wrong-digit", "torch.full((args.num,), int(digit))", "torch.full((args.num,), 9 - int(digit))"),
     ("conditional-default-keeps-r1", '"arch": "mlp"}, {"r1_gamma": 0.0}', '"arch": "mlp"}, {}'),
     ("conditional-dcgan-drops-r1", '({"conditional": True, "arch": "mlp"}', '({"conditional": True}'),
-    ("dcgan-default-gamma", '    ({"arch": "dcgan", "conditional": False}, {"r1_gamma": 4.0}),\n', ""),
+    ("dcgan-default-gamma", '    ({"arch": "dcgan", "conditional": False}, {"r1_gamma": 8.0}),\n', ""),
     ("conditional-dcgan-takes-dcgan-gamma", '{"arch": "dcgan", "conditional": False}', '{"arch": "dcgan"}'),
     (  # the gradient penalty's entry must come after the DCGAN's, to replace its R1
         "dcgan-gamma-after-wgan-gp",
-        '    ({"arch": "dcgan", "conditional": False}, {"r1_gamma": 4.0}),\n    ({"loss": "wgan-gp"}, '
+        '    ({"arch": "dcgan", "conditional": False}, {"r1_gamma": 8.0}),\n    ({"loss": "wgan-gp"}, '
         '{"lr": 1e-4, "b2": 0.9, "n_critic": 5, "gp_weight": 10.0, "r1_gamma": 0.0}),\n',
         '    ({"loss": "wgan-gp"}, {"lr": 1e-4, "b2": 0.9, "n_critic": 5, "gp_weight": 10.0, "r1_gamma": 0.0}),\n'
-        '    ({"arch": "dcgan", "conditional": False}, {"r1_gamma": 4.0}),\n',
+        '    ({"arch": "dcgan", "conditional": False}, {"r1_gamma": 8.0}),\n',
     ),
     ("tutorial-recipe-keeps-r1", '({"recipe": "tutorial"}, {"r1_gamma": 0.0})', '({"recipe": "tutorial"}, {})'),
     # -- the GAN step

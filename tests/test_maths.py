@@ -196,7 +196,7 @@ def test_recipes_preset_what_the_readme_says_and_typed_flags_win() -> None:
 
     assert settings() == (1.0, 8, "none")  # lazy R1 at a constant learning rate
     assert settings("--conditional") == (0.0, 8, "none")  # without R1, D keeps the digits apart best
-    assert settings("--arch", "dcgan") == (4.0, 8, "none")  # the DCGAN's best: 4 times the default's R1 (README)
+    assert settings("--arch", "dcgan") == (8.0, 8, "none")  # the DCGAN's best: 8 times the default's R1 (README)
     assert settings("--arch", "dcgan", "--r1-gamma", "1")[0] == 1.0
     assert settings("--arch", "dcgan", "--loss", "wgan-gp")[0] == 0.0  # the gradient penalty replaces R1
     assert settings("--conditional", "--arch", "dcgan") == (1.0, 8, "none")  # its stronger D needs R1 (README)
