@@ -48,6 +48,7 @@ VARIANTS: dict[str, list[str]] = {
     "dcgan-r1-gamma2": ["--arch", "dcgan", "--r1-gamma", "2"],
     "dcgan-r1-gamma4": ["--arch", "dcgan", "--r1-gamma", "4"],
     "dcgan-r1-gamma8": ["--arch", "dcgan", "--r1-gamma", "8"],
+    "dcgan-r1-gamma16": ["--arch", "dcgan", "--r1-gamma", "16"],
     "dcgan-r1-gamma5": ["--arch", "dcgan", "--r1-gamma", "5"],
     "dcgan-no-r1": ["--arch", "dcgan", "--r1-gamma", "0"],
     "dcgan-fp32": ["--arch", "dcgan", "--r1-gamma", "1", "--precision", "fp32"],
