@@ -5,6 +5,7 @@ before recipes existed."""
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -14,31 +15,45 @@ from conftest import load
 
 import gan_mnist
 
-# weights_sha256 of G, D and EMA after `--epochs 2` on tests/data with conftest.FAST, made by gan_mnist at
-# commit a95538e (before --recipe existed): --recipe tutorial must give the tutorial's maths bit for bit.
-TUTORIAL_FINGERPRINT = {
-    "": (
-        "a44c35c421a54cc4f23a37e3d4c8e3a583aa6d25da068ef9637e67b3ee348e92",
-        "cca5ef98b64a82f3535755a81278f0b4ee7d2588118ba22a4f41c27d90d79c64",
-        "e7e8defea0506a5f7b6b647d46b4c6795de7821e93c75df1a123541ee1861871",
-    ),
-    "--conditional": (
-        "5cb209694dcf4aadad722c9fba42b2bcf01af3b71d5d58da7e7b94bfa456283d",
-        "5ac0f3f4d88c4da4a5de5444253821a3bcbf77026148b03e876eef0b9eb27a50",
-        "637a97e708ed22ac9d47d82d86712ee0d2789a2d5ccbcc39737b1a0a698062ba",
-    ),
-}
+# weights_sha256 of G, D and EMA after `--epochs 2` on tests/data with conftest.FAST, made by gan_mnist itself at
+# commit a95538e (before --recipe existed; "" and "--conditional": --recipe tutorial must give the tutorial's maths
+# bit for bit) and at 682f331 ("default", before the readability refactor: the refactor changed no number).
+# Bit patterns depend on the CPU's kernels, so each set is keyed by what picks them (cpu_kernels): made on an
+# AVX-512 CPU with native bf16 (AMD EPYC), and on one whose oneDNN also runs bf16 on AMX tiles (Intel Xeon).
+FINGERPRINTS = {
+    ("AVX512", True, False): {
+        "": ("a44c35c421a54cc4f23a37e3d4c8e3a583aa6d25da068ef9637e67b3ee348e92",
+             "cca5ef98b64a82f3535755a81278f0b4ee7d2588118ba22a4f41c27d90d79c64",
+             "e7e8defea0506a5f7b6b647d46b4c6795de7821e93c75df1a123541ee1861871"),
+        "--conditional": ("5cb209694dcf4aadad722c9fba42b2bcf01af3b71d5d58da7e7b94bfa456283d",
+                          "5ac0f3f4d88c4da4a5de5444253821a3bcbf77026148b03e876eef0b9eb27a50",
+                          "637a97e708ed22ac9d47d82d86712ee0d2789a2d5ccbcc39737b1a0a698062ba"),
+        "default": ("d309e64608196af6587604d13fb160e5b390aaa42ff2f94fb9d6641971ff5278",
+                    "b8b284650caa9bd290318d15a2746969cd3fc24361b977c3ec69e0b338fe4b79",
+                    "a8bb411fed1396af15ec3d3785b0ea0829d413c4f0202bbcc4115c00aa2a31f2"),
+    },
+    ("AVX512", True, True): {
+        "": ("de4e2b90ba129c3b262acf66ef1b77cdca7a845f1e21b4bb47c1c2ad29175535",
+             "e118ee431176a378f509adf4e3cbaaa478c6e550ed474efa8f4d2a4840618a9d",
+             "9b48edfd1841eec5f3ed38af925a9b464727a86bfda5c268a7b876b1b23748ad"),
+        "--conditional": ("e3827f10562f1cebcd12964c4eb9b14765059bc565f533d16cc9c81b503bc986",
+                          "d1ba41a7b5176b7e076d164e1d0a972aaf63cd308105ed2069da935200908f28",
+                          "d66db9cf7e1c14d3a90b672ca1399dd7aa46cc8210a93ad222bbe595748a22b0"),
+        "default": ("ff4965a80eb408f55cf43eb3c46196e17fe19ffeb7be69085d7b8e112ba556f4",
+                    "f75632dd3391bc17a04b3631d09958c7677486afd6d9578ff5c7bda4c2752729",
+                    "8c378dc14432f1ec7ef8335fd0a83d1b2ac1d03da58dcd4095630d0e83e7e442"),
+    },
+}  # fmt: skip
 
 
-# The default recipe, fingerprinted at 682f331 before the readability refactor: the refactor changed no number.
-TUTORIAL_FINGERPRINT["default"] = (
-    "d309e64608196af6587604d13fb160e5b390aaa42ff2f94fb9d6641971ff5278",
-    "b8b284650caa9bd290318d15a2746969cd3fc24361b977c3ec69e0b338fe4b79",
-    "a8bb411fed1396af15ec3d3785b0ea0829d413c4f0202bbcc4115c00aa2a31f2",
-)
-# Bit patterns depend on the CPU's kernels: the fingerprints were made on an AVX-512 CPU with native bf16.
-MADE_ON = ("AVX512", True)
-THIS_CPU = (torch.backends.cpu.get_cpu_capability(), bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+def cpu_kernels() -> tuple[str, bool, bool]:
+    """ATen's vector ISA, oneDNN's native bf16, and whether oneDNN may use AMX tiles (ONEDNN_MAX_CPU_ISA caps it)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() and (cap in ("ALL", "DEFAULT") or "AMX" in cap)
+    return torch.backends.cpu.get_cpu_capability(), bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), amx
+
+
+THIS_CPU = cpu_kernels()
 FINGERPRINT_CASES = pytest.mark.parametrize(
     ("flags", "before"),
     [
@@ -54,12 +69,12 @@ FINGERPRINT_CASES = pytest.mark.parametrize(
 
 
 @FINGERPRINT_CASES
-@pytest.mark.skipif(THIS_CPU != MADE_ON, reason=f"fingerprints made on {MADE_ON}, this CPU is {THIS_CPU}")
+@pytest.mark.skipif(THIS_CPU not in FINGERPRINTS, reason=f"fingerprints made on {list(FINGERPRINTS)}, not {THIS_CPU}")
 def test_tutorial_maths_reproduce_the_weights_of_before(train, tmp_path: Path, flags: list[str], before: str) -> None:
     assert train("run", "--epochs", "2", *flags).exit_code == 0
     ckpt = load(tmp_path / "run" / "checkpoints" / "last.pt")
     got = tuple(gan_mnist.weights_sha256(ckpt[k]) for k in ("generator", "discriminator", "ema"))
-    assert got == TUTORIAL_FINGERPRINT[before]
+    assert got == FINGERPRINTS[THIS_CPU][before]
 
 
 # The mean losses and D outputs of epochs 1 and 2 in fp32 for the same runs: the same on AVX-512 and AVX2.
