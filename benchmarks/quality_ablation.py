@@ -54,6 +54,7 @@ VARIANTS: dict[str, list[str]] = {
     "dcgan-fp32": ["--arch", "dcgan", "--r1-gamma", "1", "--precision", "fp32"],
     "dcgan-ttur": ["--arch", "dcgan", "--r1-gamma", "1", "--d-lr", "4e-4"],
     "dcgan-lr-decay": ["--arch", "dcgan", "--r1-gamma", "1", "--lr-decay", "linear"],
+    "dcgan-adam-0-0.99": ["--arch", "dcgan", "--b1", "0", "--b2", "0.99"],  # StyleGAN2's Adam beside lazy R1
     "wgan-gp": ["--loss", "wgan-gp"],
     "dcgan-wgan-gp": ["--arch", "dcgan", "--loss", "wgan-gp"],
     "conditional-dcgan": ["--arch", "dcgan", "--conditional"],
