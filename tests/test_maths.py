@@ -4,8 +4,11 @@ before recipes existed."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import platform
+import re
 from pathlib import Path
 
 import pytest
@@ -19,9 +22,10 @@ import gan_mnist
 # commit a95538e (before --recipe existed; "" and "--conditional": --recipe tutorial must give the tutorial's maths
 # bit for bit) and at 682f331 ("default", before the readability refactor: the refactor changed no number).
 # Bit patterns depend on the CPU's kernels, so each set is keyed by what picks them (cpu_kernels): made on an
-# AVX-512 CPU with native bf16 (AMD EPYC), and on one whose oneDNN also runs bf16 on AMX tiles (Intel Xeon).
+# AVX-512 CPU with native bf16 (AMD EPYC), on one whose oneDNN also runs bf16 on AMX tiles (Intel Xeon), and on
+# an AVX2 CPU without bf16 (AMD EPYC of 2019, fp32). The vendor is part of the key: MKL picks its own kernels.
 FINGERPRINTS = {
-    ("AVX512", True, False): {
+    ("AuthenticAMD", "AVX512", True, False): {
         "": ("a44c35c421a54cc4f23a37e3d4c8e3a583aa6d25da068ef9637e67b3ee348e92",
              "cca5ef98b64a82f3535755a81278f0b4ee7d2588118ba22a4f41c27d90d79c64",
              "e7e8defea0506a5f7b6b647d46b4c6795de7821e93c75df1a123541ee1861871"),
@@ -32,7 +36,7 @@ FINGERPRINTS = {
                     "b8b284650caa9bd290318d15a2746969cd3fc24361b977c3ec69e0b338fe4b79",
                     "a8bb411fed1396af15ec3d3785b0ea0829d413c4f0202bbcc4115c00aa2a31f2"),
     },
-    ("AVX512", True, True): {
+    ("GenuineIntel", "AVX512", True, True): {
         "": ("de4e2b90ba129c3b262acf66ef1b77cdca7a845f1e21b4bb47c1c2ad29175535",
              "e118ee431176a378f509adf4e3cbaaa478c6e550ed474efa8f4d2a4840618a9d",
              "9b48edfd1841eec5f3ed38af925a9b464727a86bfda5c268a7b876b1b23748ad"),
@@ -43,14 +47,32 @@ FINGERPRINTS = {
                     "f75632dd3391bc17a04b3631d09958c7677486afd6d9578ff5c7bda4c2752729",
                     "8c378dc14432f1ec7ef8335fd0a83d1b2ac1d03da58dcd4095630d0e83e7e442"),
     },
+    ("AuthenticAMD", "AVX2", False, False): {
+        "": ("ace0ebeee46ab484ad7b75b1016a71e8015ac348ccfb7598de6a93c6c34aafaa",
+             "45ed82ec03c3fc8ae63a38dc60bd0c56cf71d35699f5fad13cba00edfb0c4a00",
+             "6c283b5bdc55f139d1012718be4becabc3c9d2d6a2a3999c56efb22d3197dcd3"),
+        "--conditional": ("4cb9f97dbe8fbf384beaf6f7af5bbf3ea61555ed6ac832c339666cd1ffd61640",
+                          "69bb3739ace15c039f8dbec12a97c2bde2908e1f5362f3c1cb222ddd83237c9b",
+                          "3bba7239b220f910dce8a853df3bfa8cc61f423f865e60e04f3f8da1838bf5bb"),
+        "default": ("6ae365bc4fcbc8e3bb20adb1f3ec9cb98b809460b5a1b0f036fcb78586afb315",
+                    "de404c099320acee97772013243906e15bba3a784bcde62ee509fe1ab0963b87",
+                    "dc386a64e5194a3edaa408c3175dec77f623d57329355fb60ae6a35fdaf95390"),
+    },
 }  # fmt: skip
 
 
-def cpu_kernels() -> tuple[str, bool, bool]:
-    """ATen's vector ISA, oneDNN's native bf16, and whether oneDNN may use AMX tiles (ONEDNN_MAX_CPU_ISA caps it)."""
+def cpu_vendor() -> str:
+    with contextlib.suppress(OSError):
+        return re.search(r"vendor_id\s*:\s*(\S+)", Path("/proc/cpuinfo").read_text()).group(1)
+    return platform.processor() or "unknown"
+
+
+def cpu_kernels() -> tuple[str, str, bool, bool]:
+    """The vendor, ATen's vector ISA, oneDNN's native bf16, and whether oneDNN may use AMX (ONEDNN_MAX_CPU_ISA caps)."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() and (cap in ("ALL", "DEFAULT") or "AMX" in cap)
-    return torch.backends.cpu.get_cpu_capability(), bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), amx
+    bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return cpu_vendor(), torch.backends.cpu.get_cpu_capability(), bf16, amx
 
 
 THIS_CPU = cpu_kernels()
