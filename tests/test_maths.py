@@ -62,8 +62,10 @@ FINGERPRINTS = {
 
 
 def cpu_vendor() -> str:
+    """x86's vendor id from /proc/cpuinfo (Linux); elsewhere, or on CPUs without one (ARM), what platform says."""
     with contextlib.suppress(OSError):
-        return re.search(r"vendor_id\s*:\s*(\S+)", Path("/proc/cpuinfo").read_text()).group(1)
+        if found := re.search(r"vendor_id\s*:\s*(\S+)", Path("/proc/cpuinfo").read_text()):
+            return found.group(1)
     return platform.processor() or "unknown"
 
 
