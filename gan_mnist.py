@@ -166,8 +166,9 @@ def generator_body(arch: str, in_dim: int) -> nn.Sequential:
     """in_dim -> 1 x 28 x 28 in [-1, 1]: the tutorial's MLP, or a DCGAN (Radford et al. 2016) sized for MNIST."""
     if arch == "mlp":
         return nn.Sequential(*_mlp([in_dim, 256, 512, 1024, 784]), nn.Tanh())
-    c = DCGAN_WIDTH  # linear to 2c x 7 x 7, then transposed convolutions up to 14 x 14 and 28 x 28
-    return nn.Sequential(nn.Linear(in_dim, 2 * c * 49, bias=False), nn.Unflatten(1, (2 * c, 7, 7)),
+    c = DCGAN_WIDTH  # a hidden layer, a linear map to 2c x 7 x 7, then transposed convolutions to 14 x 14, 28 x 28
+    return nn.Sequential(nn.Linear(in_dim, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(True),
+                         nn.Linear(256, 2 * c * 49, bias=False), nn.Unflatten(1, (2 * c, 7, 7)),
                          nn.BatchNorm2d(2 * c), nn.ReLU(True), nn.ConvTranspose2d(2 * c, c, 4, 2, 1, bias=False),
                          nn.BatchNorm2d(c), nn.ReLU(True), nn.ConvTranspose2d(c, 1, 4, 2, 1), nn.Tanh())  # fmt: skip
 
@@ -279,7 +280,13 @@ class Nets:
     r1_weight: float = 0.0  # gamma / 2 * every: lazy R1 applies the whole penalty on one step in `every`
     gp_weight: float = 0.0  # lambda of the WGAN-GP gradient penalty (0 = off)
 
+    ema_fitted_at: int = -1  # the EMA update its batch-norm statistics were last re-estimated at
+
     def sampler(self) -> Generator:
+        """The generator to draw from: the EMA, its batch-norm statistics re-estimated for its weights, or G."""
+        if self.ema is not None and self.ema_fitted_at != int(self.ema_updates):
+            fit_batch_norm(self.ema)
+            self.ema_fitted_at = int(self.ema_updates)
         return self.ema if self.ema is not None else self.G
 
     def autocast(self) -> torch.autocast:
@@ -293,8 +300,25 @@ class Nets:
         self.ema_updates += 1
         decay = ((1 + self.ema_updates) / (10 + self.ema_updates)).clamp(max=self.ema_decay)
         torch._foreach_lerp_(list(self.ema.parameters()), list(self.G.parameters()), 1 - decay)
-        for ema_buffer, buffer in zip(self.ema.buffers(), self.G.buffers()):  # batch norm's running statistics
-            ema_buffer.copy_(buffer)
+
+
+@torch.no_grad()
+def fit_batch_norm(G: Generator, batches: int = 16, batch_size: int = 256) -> None:
+    """Re-estimates G's batch-norm statistics for its own weights, as SWA's update_bn does: G's running statistics
+    fit G's weights, not the EMA's average of them (copied, the DCGAN's FID decayed late: README)."""
+    norms = [m for m in G.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    device, momenta, was_training = next(G.parameters()).device, [m.momentum for m in norms], G.training
+    rng = torch.Generator(device).manual_seed(0)  # its own stream: training's RNG never moves
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over all the batches
+    G.train()
+    for i in range(batches if norms else 0):
+        z = torch.randn(batch_size, G.latent_dim, generator=rng, device=device)
+        G(z, torch.arange(i * batch_size, (i + 1) * batch_size, device=device) % NUM_CLASSES if G.num_classes else None)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    G.train(was_training)
 
 
 def make_adam(params: Any, cfg: Config, lr: float, capturable: bool = False) -> torch.optim.Adam:
@@ -709,6 +733,12 @@ def resume_config(cfg: Config, given: set[str], checkpoint: dict[str, Any]) -> t
     return merged, own_dir
 
 
+def load_problem(exc: Exception) -> str:
+    """What load_state_dict found that does not fit: its first detail line (its first line only says that it failed)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [repr(exc)]
+    return lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
+
+
 def state_of(checkpoint: dict[str, Any]) -> RunState:  # the loop state saved in a checkpoint
     return RunState(**{f.name: checkpoint[f.name] for f in dataclasses.fields(RunState)})
 
@@ -724,7 +754,8 @@ def restore(nets: Nets, ckpt: dict[str, Any], cfg: Config, device: torch.device,
         nets.opt_g.load_state_dict(ckpt["opt_g"])
         nets.opt_d.load_state_dict(ckpt["opt_d"])
     except (RuntimeError, KeyError, ValueError) as exc:
-        raise GanError(f"checkpoint {cfg.resume} does not fit this model: {str(exc).splitlines()[0]}") from exc
+        raise GanError(f"checkpoint {cfg.resume} does not fit this version's {cfg.arch} networks (saved by another "
+                       f"version of gan_mnist?): {load_problem(exc)}") from None  # fmt: skip
     state = state_of(ckpt)
     torch.set_rng_state(state.rng["torch"])
     if device.type == "cuda" and state.rng["cuda"] is not None:
@@ -808,7 +839,7 @@ def checkpoint_dict(run: Run) -> dict[str, Any]:
     state.rng["cuda"] = torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None
     return {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "torch_version": str(torch.__version__),
             "config": dataclasses.asdict(run.cfg), **vars(state), "generator": nets.G.state_dict(),
-            "discriminator": nets.D.state_dict(), "ema": None if nets.ema is None else nets.ema.state_dict(),
+            "discriminator": nets.D.state_dict(), "ema": None if nets.ema is None else nets.sampler().state_dict(),
             "ema_updates": nets.ema_updates.cpu(), "opt_g": nets.opt_g.state_dict(),
             "opt_d": nets.opt_d.state_dict()}  # fmt: skip
 
@@ -868,8 +899,8 @@ def load_generator(path: str | Path, device: torch.device, raw: bool = False) ->
     try:
         G.load_state_dict(state_dict)
     except RuntimeError as exc:
-        raise GanError(f"{path}: generator weights do not fit the recorded shapes (latent_dim {latent_dim}, "
-                       f"{classes} classes): {str(exc).splitlines()[-1].strip()}") from None  # fmt: skip
+        raise GanError(f"{path}: its weights do not fit this version's {arch} generator (latent_dim {latent_dim}, "
+                       f"{classes} classes; saved by another version?): {load_problem(exc)}") from None  # fmt: skip
     return G.to(device).eval(), obj
 
 

@@ -50,10 +50,35 @@ MUTANTS: list[tuple[str, ...]] = [
     ("critic-loss-sign", "return fake.mean() - real.mean()", "return real.mean() - fake.mean()"),
     ("g-trains-every-batch", "done % cfg.n_critic == 0", "True"),
     ("ema-moves-on-critic-steps", "        if update_g:\n            nets.update_ema()", "        nets.update_ema()"),
-    ("ema-without-batch-norm-statistics", "ema_buffer.copy_(buffer)", "pass"),
+    (
+        "ema-batch-norm-copied-from-g",
+        "fit_batch_norm(self.ema)\n",
+        "[b.copy_(a) for a, b in zip(self.G.buffers(), self.ema.buffers())]\n",
+    ),  # fmt: skip
+    (
+        "ema-batch-norm-never-fit",
+        "if self.ema is not None and self.ema_fitted_at != int(self.ema_updates):",
+        "if False:",
+    ),  # fmt: skip
+    ("ema-batch-norm-fit-once", "self.ema_fitted_at != int(self.ema_updates):", "self.ema_fitted_at < 0:"),
+    ("ema-batch-norm-fit-draws-training-rng", "rng = torch.Generator(device).manual_seed(0)", "rng = None"),
+    ("ema-batch-norm-fit-not-reset", "        m.reset_running_stats()\n", ""),
+    ("ema-batch-norm-fit-with-momentum", "        m.momentum = None  # a cumulative", "        pass  # a cumulative"),
+    (
+        "ema-batch-norm-fit-in-eval-mode",
+        "    G.train()\n    for i in range(batches",
+        "    G.eval()\n    for i in range(batches",
+    ),
+    ("ema-batch-norm-momentum-not-restored", "        m.momentum = momentum\n", ""),
+    ("checkpoint-ema-statistics-unfit", "nets.sampler().state_dict(),", "nets.ema.state_dict(),"),
     ("generator-file-forgets-arch", '"arch": G.arch,', '"arch": "mlp",'),
     ("checkpoint-rebuild-ignores-arch", 'arch = config.get("arch", "mlp")', 'arch = "mlp"'),
     ("batch-norm-eps-for-momentum", "nn.BatchNorm2d(c), nn.ReLU(True)", "nn.BatchNorm2d(c, 0.8), nn.ReLU(True)"),
+    (
+        "dcgan-generator-without-hidden-layer",
+        "nn.BatchNorm1d(256), nn.ReLU(True),\n                         nn.Linear(256, 2 * c * 49",
+        "nn.Unflatten(1, (256, 1, 1)), nn.Flatten(),\n                         nn.Linear(256, 2 * c * 49",
+    ),
     (
         "dcgan-critic-without-hidden-layer",
         "nn.Flatten(), *_mlp([2 * c * 49, 256], True)), 256",

@@ -217,6 +217,25 @@ def test_mismatched_checkpoint_names_the_mismatch(train, tmp_path: Path, capsys:
     assert "latent_dim 100" in one_line_error(capsys.readouterr().err)
 
 
+def test_files_of_other_networks_are_named_not_loaded(train, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint or generator.pt whose layers are not this version's (a DCGAN saved before G's hidden layer):
+    one line naming the first layer that does not fit, for resume and for each command."""
+    assert train("run", "--epochs", "1", "--arch", "dcgan").exit_code == 0
+    last, gen = load(tmp_path / "run/checkpoints/last.pt"), load(tmp_path / "run/generator.pt")
+    for sd in (last["generator"], last["ema"], gen["state_dict"]):
+        sd["net.3.weight"] = sd["net.3.weight"][:, :100]  # the layer after the hidden one, fed from z directly
+    torch.save(last, tmp_path / "old_last.pt")
+    torch.save(gen, tmp_path / "old_generator.pt")
+    capsys.readouterr()
+    for argv in (["--resume", str(tmp_path / "old_last.pt"), "--epochs", "2"],
+                 ["generate", "--checkpoint", str(tmp_path / "old_generator.pt"), "--out", str(tmp_path / "x.png")],
+                 ["evaluate", "--checkpoint", str(tmp_path / "old_last.pt")]):  # fmt: skip
+        assert gan_mnist.main(argv).exit_code == 1
+        line = one_line_error(capsys.readouterr().err)
+        assert "dcgan" in line and "another version" in line and "net.3.weight" in line, line
+    assert not (tmp_path / "x.png").exists()
+
+
 # 7. Corrupt data ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("damage", ["truncated images", "wrong magic labels"])
 def test_corrupt_mnist_file_is_named(data_dir: Path, tmp_path: Path, damage: str, capsys) -> None:

@@ -164,26 +164,80 @@ def test_critic_steps_leave_g_and_its_ema_alone_and_g_trains_on_every_nth_batch(
     assert [i for i, g in enumerate(g_steps) if g] == [0, 5, 10, 15]
 
 
-def test_dcgan_batch_norm_normalises_and_the_ema_carries_its_statistics(train, tmp_path: Path) -> None:
+def batch_norms(G: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in G.modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
+
+
+def population_gap(G: gan_mnist.Generator) -> list[float]:
+    """How far G's running statistics are from those of its own activations over 4,096 fresh digits: each
+    channel's mean gap in its standard deviations, and its |log| variance ratio, the worst over all layers."""
+    inputs: list[torch.Tensor] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].transpose(0, 1).flatten(1)))
+             for m in batch_norms(G)]  # fmt: skip
+    with torch.no_grad():
+        G.train()(torch.randn(4096, G.latent_dim, generator=torch.Generator().manual_seed(9)))
+    for h in hooks:
+        h.remove()
+    G.eval()
+    means = [((m.running_mean - x.mean(1)).abs() / x.std(1)).max() for m, x in zip(batch_norms(G), inputs)]
+    return [float(max(means)), max(float((m.running_var / x.var(1)).log().abs().max())
+                                   for m, x in zip(batch_norms(G), inputs))]  # fmt: skip
+
+
+def test_dcgan_batch_norm_normalises_and_the_ema_samples_with_statistics_of_its_own_weights(
+    train, tmp_path: Path
+) -> None:
     nets, _ = make_nets("--arch", "dcgan")
     outputs: list[torch.Tensor] = []
-    for m in nets.G.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.register_forward_hook(
-                lambda mod, args, out: outputs.append(out.detach().clone())
-            )  # before the in-place ReLU
+    for m in batch_norms(nets.G):
+        m.register_forward_hook(lambda mod, args, out: outputs.append(out.detach().clone()))  # before the ReLU
     nets.G(torch.randn(64, 100))
-    assert len(outputs) == 2
+    assert len(outputs) == 3
     for out in outputs:  # fresh affine parameters: each channel at mean 0 and variance 1 over the batch
-        torch.testing.assert_close(out.mean(dim=(0, 2, 3)), torch.zeros(out.size(1)), atol=1e-4, rtol=0)
-        torch.testing.assert_close(out.var(dim=(0, 2, 3), unbiased=False), torch.ones(out.size(1)), atol=1e-2, rtol=0)
-    assert train("run", "--epochs", "1", "--arch", "dcgan").exit_code == 0
-    ckpt = load(tmp_path / "run/checkpoints/last.pt")
+        dims = (0, 2, 3) if out.dim() == 4 else (0,)
+        torch.testing.assert_close(out.mean(dim=dims), torch.zeros(out.size(1)), atol=1e-4, rtol=0)
+        torch.testing.assert_close(out.var(dim=dims, unbiased=False), torch.ones(out.size(1)), atol=1e-2, rtol=0)
+    assert (
+        train("run", "--epochs", "2", "--arch", "dcgan", "--sample-every", "5", "--checkpoint-every", "1").exit_code
+        == 0
+    )
+    ckpt, saved = load(tmp_path / "run/checkpoints/last.pt"), load(tmp_path / "run/generator.pt")
+    for path in ("generator.pt", "checkpoints/epoch_0001.pt"):  # epoch 1: no grid, no evaluation sampled from it
+        G, _ = gan_mnist.load_generator(tmp_path / "run" / path, torch.device("cpu"))
+        mean_gap, var_gap = population_gap(G)  # G's own statistics (those G's weights give) are far from these
+        assert mean_gap < 0.15 and var_gap < 0.2, (path, mean_gap, var_gap)
     stats = [k for k in ckpt["generator"] if k.endswith(("running_mean", "running_var"))]
-    assert len(stats) == 4
-    for key in stats:  # the EMA generator samples in eval mode: with G's statistics, not its initial ones
-        assert torch.equal(ckpt["ema"][key], ckpt["generator"][key])
-        assert not torch.equal(ckpt["ema"][key], torch.zeros_like(ckpt["ema"][key]) + (key.endswith("var")))
+    assert len(stats) == 6
+    for key in stats:  # the checkpoint's EMA is the one generator.pt samples with, not G's statistics
+        assert torch.equal(ckpt["ema"][key], saved["state_dict"][key])
+        assert not torch.equal(ckpt["ema"][key], ckpt["generator"][key])
+
+
+def test_ema_statistics_are_refit_whenever_its_weights_move_and_never_shift_training(data_dir: Path) -> None:
+    nets, _ = make_nets("--arch", "dcgan")
+    real = real_batch(data_dir)
+    for _ in range(2):
+        gan_mnist.train_step(nets, real, None)
+        rng = torch.get_rng_state()
+        sampler = nets.sampler()
+        assert sampler is nets.ema and torch.equal(torch.get_rng_state(), rng)  # its own random stream
+        fresh = copy.deepcopy(nets.ema)
+        gan_mnist.fit_batch_norm(fresh)  # from any statistics: a refit starts over
+        for (key, a), b in zip(sampler.state_dict().items(), fresh.state_dict().values()):
+            assert torch.equal(a, b), f"{key}: the EMA's statistics are not those of its present weights"
+    assert all(m.momentum == 0.1 for m in batch_norms(nets.ema))
+    nets_without_ema, _ = make_nets("--arch", "dcgan", "--ema-decay", "0")
+    assert nets_without_ema.sampler() is nets_without_ema.G  # G samples with its own running statistics
+
+
+def test_dcgan_generator_is_the_measured_one() -> None:
+    """The DCGAN's G: a hidden layer of 256, a linear map to 64 x 7 x 7, two transposed convolutions, batch norm
+    and ReLU after each but the last (README, 'Which GAN?': the hidden layer halved FID at epoch 10)."""
+    G = gan_mnist.Generator(arch="dcgan")
+    kinds = [type(m).__name__ for m in G.net]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "Unflatten", "BatchNorm2d", "ReLU",
+                     "ConvTranspose2d", "BatchNorm2d", "ReLU", "ConvTranspose2d", "Tanh"]  # fmt: skip
+    assert G.net[0].out_features == 256 and G.net[3].out_features == 2 * gan_mnist.DCGAN_WIDTH * 49
 
 
 def test_spectral_norm_reaches_every_layer_of_the_dcgan_critic() -> None:
