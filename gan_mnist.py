@@ -162,15 +162,17 @@ def _mlp(sizes: list[int], last_activation: bool = False) -> list[nn.Module]:
     return layers
 
 
-def generator_body(arch: str, in_dim: int) -> nn.Sequential:
-    """in_dim -> 1 x 28 x 28 in [-1, 1]: the tutorial's MLP, or a DCGAN (Radford et al. 2016) sized for MNIST."""
+def generator_body(arch: str, in_dim: int, hidden: bool = True) -> nn.Sequential:
+    """in_dim -> 1 x 28 x 28 in [-1, 1]: the tutorial's MLP, or a DCGAN (Radford et al. 2016) sized for MNIST.
+    `hidden`: the DCGAN's hidden layer of 256 after z; the unconditional G gains from it, the conditional loses."""
     if arch == "mlp":
         return nn.Sequential(*_mlp([in_dim, 256, 512, 1024, 784]), nn.Tanh())
-    c = DCGAN_WIDTH  # a hidden layer, a linear map to 2c x 7 x 7, then transposed convolutions to 14 x 14, 28 x 28
-    return nn.Sequential(nn.Linear(in_dim, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(True),
-                         nn.Linear(256, 2 * c * 49, bias=False), nn.Unflatten(1, (2 * c, 7, 7)),
-                         nn.BatchNorm2d(2 * c), nn.ReLU(True), nn.ConvTranspose2d(2 * c, c, 4, 2, 1, bias=False),
-                         nn.BatchNorm2d(c), nn.ReLU(True), nn.ConvTranspose2d(c, 1, 4, 2, 1), nn.Tanh())  # fmt: skip
+    c = DCGAN_WIDTH  # a linear map to 2c x 7 x 7, then transposed convolutions to 14 x 14 and 28 x 28
+    first = [nn.Linear(in_dim, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(True)] if hidden else []
+    return nn.Sequential(*first, nn.Linear(256 if hidden else in_dim, 2 * c * 49, bias=False),
+                         nn.Unflatten(1, (2 * c, 7, 7)), nn.BatchNorm2d(2 * c), nn.ReLU(True),
+                         nn.ConvTranspose2d(2 * c, c, 4, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(True),
+                         nn.ConvTranspose2d(c, 1, 4, 2, 1), nn.Tanh())  # fmt: skip
 
 
 def discriminator_body(arch: str) -> tuple[nn.Sequential, int]:
@@ -190,7 +192,7 @@ class Generator(nn.Module):
         self.latent_dim, self.num_classes, self.arch = latent_dim, num_classes, arch
         # Conditional: the label enters as a learned embedding joined to z.
         self.label_embedding = nn.Embedding(num_classes, LABEL_DIM) if num_classes else None
-        self.net = generator_body(arch, latent_dim + (LABEL_DIM if num_classes else 0))
+        self.net = generator_body(arch, latent_dim + (LABEL_DIM if num_classes else 0), hidden=not num_classes)
 
     def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         return self.decode(z, None if self.label_embedding is None else self.label_embedding(labels))

@@ -75,10 +75,11 @@ MUTANTS: list[tuple[str, ...]] = [
     ("checkpoint-rebuild-ignores-arch", 'arch = config.get("arch", "mlp")', 'arch = "mlp"'),
     ("batch-norm-eps-for-momentum", "nn.BatchNorm2d(c), nn.ReLU(True)", "nn.BatchNorm2d(c, 0.8), nn.ReLU(True)"),
     (
-        "dcgan-generator-without-hidden-layer",
-        "nn.BatchNorm1d(256), nn.ReLU(True),\n                         nn.Linear(256, 2 * c * 49",
-        "nn.Unflatten(1, (256, 1, 1)), nn.Flatten(),\n                         nn.Linear(256, 2 * c * 49",
+        "dcgan-generator-hidden-layer-without-norm-and-relu",
+        "first = [nn.Linear(in_dim, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(True)] if hidden else []",
+        "first = [nn.Linear(in_dim, 256, bias=False)] if hidden else []",
     ),
+    ("conditional-dcgan-generator-with-hidden-layer", "hidden=not num_classes)", "hidden=True)"),
     (
         "dcgan-critic-without-hidden-layer",
         "nn.Flatten(), *_mlp([2 * c * 49, 256], True)), 256",

@@ -231,13 +231,17 @@ def test_ema_statistics_are_refit_whenever_its_weights_move_and_never_shift_trai
 
 
 def test_dcgan_generator_is_the_measured_one() -> None:
-    """The DCGAN's G: a hidden layer of 256, a linear map to 64 x 7 x 7, two transposed convolutions, batch norm
-    and ReLU after each but the last (README, 'Which GAN?': the hidden layer halved FID at epoch 10)."""
-    G = gan_mnist.Generator(arch="dcgan")
-    kinds = [type(m).__name__ for m in G.net]
-    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "Unflatten", "BatchNorm2d", "ReLU",
-                     "ConvTranspose2d", "BatchNorm2d", "ReLU", "ConvTranspose2d", "Tanh"]  # fmt: skip
-    assert G.net[0].out_features == 256 and G.net[3].out_features == 2 * gan_mnist.DCGAN_WIDTH * 49
+    """The DCGAN's G: a hidden layer of 256 (unconditional only), a linear map to 64 x 7 x 7, two transposed
+    convolutions, batch norm and ReLU after each but the last (README, 'Which GAN?': the hidden layer halved the
+    unconditional FID at epoch 10, and made the conditional one worse)."""
+    G, conditional = gan_mnist.Generator(arch="dcgan"), gan_mnist.Generator(num_classes=10, arch="dcgan")
+    body = ["Linear", "Unflatten", "BatchNorm2d", "ReLU", "ConvTranspose2d", "BatchNorm2d", "ReLU", "ConvTranspose2d",
+            "Tanh"]  # fmt: skip
+    assert [type(m).__name__ for m in G.net] == ["Linear", "BatchNorm1d", "ReLU", *body]
+    assert G.net[0].out_features == 256 and G.net[3].in_features == 256
+    assert [type(m).__name__ for m in conditional.net] == body
+    assert conditional.net[0].in_features == 100 + gan_mnist.LABEL_DIM
+    assert G.net[3].out_features == conditional.net[0].out_features == 2 * gan_mnist.DCGAN_WIDTH * 49
 
 
 def test_spectral_norm_reaches_every_layer_of_the_dcgan_critic() -> None:
