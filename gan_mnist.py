@@ -1965,6 +1965,8 @@ def main(argv: list[str] | None = None) -> Result:
             code = 1 if isinstance(exc, GanError) else 128 + getattr(exc, "signum", signal.SIGINT)
             print(f"gan_mnist: error: {exc}" if code == 1 else "gan_mnist: interrupted", file=sys.stderr, flush=True)
             return Result(code)
+        except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as shell tools do
+            return Result(128 + signal.SIGPIPE)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ MUTANTS: list[tuple[str, ...]] = [
         "first = [nn.Linear(in_dim, 256, bias=False)] if hidden else []",
     ),
     ("conditional-dcgan-generator-with-hidden-layer", "hidden=not num_classes)", "hidden=True)"),
+    ("broken-pipe-traceback", "except BrokenPipeError:  # stdout closed early", "except ZeroDivisionError:  # stdout"),
     (
         "dcgan-critic-without-hidden-layer",
         "nn.Flatten(), *_mlp([2 * c * 49, 256], True)), 256",

@@ -303,3 +303,17 @@ def test_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture
     assert gan_mnist.main(["generate", "--checkpoint", str(missing), "--out", "x.png", "--debug"]).exit_code == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and f"checkpoint not found: {missing}" in err
+
+
+def test_output_piped_into_a_reader_that_leaves_early_stops_quietly(train, tmp_path: Path) -> None:
+    """`gan_mnist.py generate ... | head -0`: no traceback and no 'Exception ignored' report, exit 141 or 0."""
+    assert train("run", "--epochs", "1").exit_code == 0
+    argv = ["generate", "--checkpoint", str(tmp_path / "run/generator.pt"), "--out", str(tmp_path / "x.png")]
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first line
+    proc = subprocess.run([sys.executable, str(ROOT / "gan_mnist.py"), *argv], stdout=write, stderr=subprocess.PIPE,
+                          text=True, check=False)  # fmt: skip
+    os.close(write)
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    assert proc.returncode in (0, 141), (proc.returncode, proc.stderr)
+    assert (tmp_path / "x.png").is_file()  # the work was done before the line that could not be written
