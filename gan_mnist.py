@@ -547,10 +547,9 @@ def record_epoch(run: Run, epoch: int) -> None:
     d = LOSSES[run.cfg.loss].name
     tags = ("loss/D", "loss/G", f"{d}_output/real", f"{d}_output/fake", "speed/seconds_per_epoch")
     run.log(dict(zip(tags, [*means, state.epoch_seconds])), epoch)
-    print(
+    say(
         f"epoch {epoch:>4}/{run.cfg.epochs}  d_loss {means[0]:.4f}  g_loss {means[1]:.4f}  {d}(x) {means[2]:.3f}  "
-        f"{d}(G(z)) {means[3]:.3f}  {state.epoch_seconds:.1f}s ({state.epoch_steps / state.epoch_seconds:.0f} steps/s)",
-        flush=True,
+        f"{d}(G(z)) {means[3]:.3f}  {state.epoch_seconds:.1f}s ({state.epoch_steps / state.epoch_seconds:.0f} steps/s)"
     )
     state.epoch, state.step, state.epoch_steps, state.epoch_seconds = epoch, 0, 0, 0.0
     state.rng["data"], state.epoch_stats = run.data_rng.get_state(), torch.zeros(4)  # the next epoch's order
@@ -680,9 +679,9 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict
               step or functools.partial(train_step, nets), fixed, all_images, test_images)  # fmt: skip
     prepare_run_folder(run, resumed=checkpoint is not None)
     resumed = f"\nresumed from {cfg.resume} at epoch {state.epoch}" + (f" step {state.step}" if state.step else "")
-    print(f"gan_mnist: training on {device} ({torch.get_num_threads()} CPU threads), {len(run.data)} images, "
-          f"{math.ceil(len(run.data) / cfg.batch_size)} steps/epoch, epochs {state.epoch + 1}..{cfg.epochs} -> "
-          f"{run_dir}{resumed if checkpoint else ''}", flush=True)  # fmt: skip
+    say(f"gan_mnist: training on {device} ({torch.get_num_threads()} CPU threads), {len(run.data)} images, "
+        f"{math.ceil(len(run.data) / cfg.batch_size)} steps/epoch, epochs {state.epoch + 1}..{cfg.epochs} -> "
+        f"{run_dir}{resumed if checkpoint else ''}")  # fmt: skip
     if cfg.tensorboard:
         open_tensorboard(run)
     return run
@@ -950,7 +949,7 @@ def train_judge(data_dir: str | Path, quiet: bool = False) -> tuple[Judge, float
                 loss.backward()
                 opt.step()
                 schedule.step()
-    probs = judge_digits(judge.eval(), test_images)[1]
+    probs = judge_outputs(judge.eval(), test_images)[1]
     return judge, float((probs.argmax(1) == test_labels.numpy()).mean()), len(x)
 
 
@@ -1005,24 +1004,17 @@ def load_or_train_judge(
 
 
 @torch.no_grad()
-def judge_outputs(judge: Judge, images: Tensor | Iterable[Tensor], num: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """float64 features (N x 128) and class probabilities of images in [-1, 1], given whole or in chunks."""
-    chunks = images.split(EVAL_CHUNK) if isinstance(images, Tensor) else images
-    num = len(images) if isinstance(images, Tensor) else num
-    feats, probs = (torch.empty(num, n, dtype=torch.float64) for n in (JUDGE_FEATURES, NUM_CLASSES))
-    start = 0
-    for x in chunks:  # filled in place: no second copy for a concatenation
+def judge_outputs(judge: Judge, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """float64 features (N x 128) and class probabilities of images in [-1, 1], or of uint8 MNIST digits (brought
+    to [-1, 1] a chunk at a time, never all as floats)."""
+    feats, probs = (torch.empty(len(images), n, dtype=torch.float64) for n in (JUDGE_FEATURES, NUM_CLASSES))
+    for start in range(0, len(images), EVAL_CHUNK):  # filled in place: no second copy for a concatenation
         check_stop()
-        h = judge.features(x.float().cpu())
+        x = images[start : start + EVAL_CHUNK]
+        h = judge.features(to_model_range(x) if x.dtype == torch.uint8 else x.float().cpu())
         feats[start : start + len(h)] = h
         probs[start : start + len(h)] = F.softmax(judge.classifier(h).double(), dim=1)
-        start += len(h)
     return feats.numpy(), probs.numpy()
-
-
-def judge_digits(judge: Judge, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Judge outputs of uint8 MNIST digits, brought to [-1, 1] a chunk at a time (never all as floats)."""
-    return judge_outputs(judge, (to_model_range(chunk) for chunk in images.split(EVAL_CHUNK)), len(images))
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -1082,7 +1074,7 @@ def memorisation(evaluator: Evaluator, images: Tensor, feats: np.ndarray | None 
     started, n, judge = time.perf_counter(), len(images), evaluator.judge
     train = to_model_range(evaluator.train_images).flatten(1)
     feats = judge_outputs(judge, images)[0] if feats is None else feats
-    train_feats = torch.from_numpy(judge_outputs(judge, train.view(-1, *IMAGE_SHAPE))[0]).float()
+    train_feats = torch.from_numpy(judge_outputs(judge, evaluator.train_images)[0]).float()
     out: dict[str, Any] = {}
     for space, fake, test, bank in (
         ("pixel", images.float().flatten(1), to_model_range(evaluator.test_images[:n]).flatten(1), train),
@@ -1116,7 +1108,7 @@ class Evaluator:
         path = Path(judge_path) if judge_path else default_judge_path(self.train_images)
         self.judge, self.judge_info = load_or_train_judge(path, data_dir, quiet, owned=not judge_path)
         self.test_images = load_mnist(data_dir, train=False)[0] if test_images is None else test_images
-        self.test_feats = judge_digits(self.judge, self.test_images)[0]
+        self.test_feats = judge_outputs(self.judge, self.test_images)[0]
         # The floor takes longer than an evaluation (k-NN radii of 2 x 10,000 points): cached beside a judge in
         # gan_mnist's own cache, never beside a --judge the user named.
         self.floor = self._floor(None if judge_path else path.with_name(f"{path.stem}.floor-{num}.json"))
@@ -1127,7 +1119,7 @@ class Evaluator:
             cached = json.loads(cache.read_text())
             if cached["judge_sha256"] == self.judge_info["sha256"] and not type_problem(cached["floor"], numbers):
                 return cached["floor"]
-        floor = sample_metrics(*judge_digits(self.judge, self.train_images[: self.num].cpu()), self.test_feats)
+        floor = sample_metrics(*judge_outputs(self.judge, self.train_images[: self.num].cpu()), self.test_feats)
         if cache is not None:
             with contextlib.suppress(GanError):  # an unwritable cache costs the computation next time, no more
                 write_json(cache, {"judge_sha256": self.judge_info["sha256"], "floor": floor})
@@ -1187,7 +1179,7 @@ def evaluate_epoch(run: Run, epoch: int) -> None:
                                       run.test_images)  # fmt: skip
         metrics = run.evaluator(run.nets.sampler(), seed=cfg.seed)
     except Interrupted:
-        print(f"           evaluation of epoch {epoch} stopped: it is redone when the run resumes")
+        say(f"           evaluation of epoch {epoch} stopped: it is redone when the run resumes")
         return
     row = {"epoch": epoch, **{c: metrics[c] for c in METRIC_COLUMNS[1:]}}
     if "digit_accuracy" in metrics:
@@ -1204,7 +1196,7 @@ def evaluate_epoch(run: Run, epoch: int) -> None:
     plot_curves(run.dir / "metrics.png", state.metrics, panels, log_y=(panels[0][0],))
     run.log({f"metrics/{k}": v for k, v in row.items() if k != "epoch"}, epoch)
     early = "  [early FIDs in the hundreds are normal: watch the trend]" if epoch <= 10 and metrics["fid"] > 50 else ""
-    print(f"           {metrics_line(metrics)}  ({metrics['seconds']:.1f}s){early}", flush=True)
+    say(f"           {metrics_line(metrics)}  ({metrics['seconds']:.1f}s){early}")
 
 
 # =========================================================================================== outputs
@@ -1422,11 +1414,11 @@ def finish_run(run: Run, signum: int) -> Result:
         resume = shell_command(["python", "gan_mnist.py", "--resume", ckpt, "--epochs", cfg.epochs])
         print(f"\n{name}: stopped {where}; saved {ckpt}. Resume with: {resume}", file=sys.stderr, flush=True)
     else:
-        print(f"done: {plural(state.epoch, 'epoch')} ({sum(row['seconds'] for row in state.history):.0f}s of training) "
-              f"-> {run.dir}/ (samples/, progress.gif, losses.png, generator.pt, checkpoints/)")  # fmt: skip
+        say(f"done: {plural(state.epoch, 'epoch')} ({sum(row['seconds'] for row in state.history):.0f}s of training) "
+            f"-> {run.dir}/ (samples/, progress.gif, losses.png, generator.pt, checkpoints/)")  # fmt: skip
         if state.best is not None:
-            print(f"best: epoch {state.best['epoch']} (FID {state.best['fid']:.2f}) -> {run.dir / 'generator_best.pt'}")
-        print(f"summary: {summary}", flush=True)
+            say(f"best: epoch {state.best['epoch']} (FID {state.best['fid']:.2f}) -> {run.dir / 'generator_best.pt'}")
+        say(f"summary: {summary}")
     return Result(128 + signum if signum else 0, run.dir, state.history)
 
 
@@ -1509,6 +1501,22 @@ def check_stop() -> None:
     """In a long phase of a training run: raises Interrupted once a stop signal has come."""
     if StopSignal.active is not None and StopSignal.active.signum:
         raise Interrupted(StopSignal.active.signum)
+
+
+def say(line: str) -> None:
+    """A line on stdout. If its reader has gone (`| head`), a training run stops as at a signal, saved; if stdout
+    cannot be written (a full disk), training goes on without it and a command fails in one line."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        if StopSignal.active is None:  # not training: main() stops quietly
+            raise
+        StopSignal.active.signum = StopSignal.active.signum or signal.SIGPIPE
+    except OSError as exc:
+        if StopSignal.active is None:
+            raise GanError(f"cannot write to standard output: {exc.strerror or exc}") from None
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the rest of the run's lines go nowhere)
+        print(f"note: cannot write to standard output ({exc.strerror or exc}); training goes on", file=sys.stderr)
 
 
 LOCK = ".gan_mnist.lock"  # a name of its own: a user's `.lock` in the folder is never written over
@@ -1779,7 +1787,7 @@ def generate(args: argparse.Namespace) -> Result:
     if G.num_classes and digit in (None, "all"):  # a conditional model draws one row per digit unless asked for one
         nrow = math.ceil(args.num / 10)
         if nrow * 10 != args.num:
-            print(f"note: {plural(nrow, 'digit')} of each kind, {nrow * 10} in all (one row per digit)")
+            say(f"note: {plural(nrow, 'digit')} of each kind, {nrow * 10} in all (one row per digit)")
         labels = torch.arange(10).repeat_interleave(nrow)
     elif digit is not None and digit not in tuple("0123456789"):  # not isdigit(): it takes '²', which int() refuses
         raise GanError(f"--digit {digit}: choose a digit 0-9 or 'all'")
@@ -1807,7 +1815,7 @@ def generate(args: argparse.Namespace) -> Result:
     else:
         save_png(out, grid_image(draw(0, num), nrow, args.scale))
     files = f" (digit_00000.png ... digit_{num - 1:05d}*.png)" if args.to_folder else ""
-    print(f"wrote {plural(num, 'digit')} to {out}{files}")
+    say(f"wrote {plural(num, 'digit')} to {out}{files}")
     return Result(0, out.parent)
 
 
@@ -1845,16 +1853,18 @@ def evaluate_command(args: argparse.Namespace) -> Result:
     metrics = {"checkpoint": str(args.checkpoint), "epoch": obj.get("epoch"), "weights": weights,
                **evaluator.score(images, labels, memorise=True)}  # fmt: skip
     m = metrics["memorisation"]
-    print(json.dumps(metrics) if args.json else f"{args.checkpoint} (epoch {metrics['epoch']}, {weights} weights), "
-          f"{len(images)} digits: {metrics_line(metrics)}\nmemorisation: nearest training digit "
-          f"{m['pixel_nearest_median']:.2f} px-distance (median) for samples vs {m['pixel_nearest_median_test']:.2f} "
-          f"for unseen test digits (ratio {m['pixel_ratio']:.2f}; judge features {m['feature_ratio']:.2f}); "
-          f"near-copies {m['near_copy_share']:.1%} (test digits: 1% by construction)", flush=True)  # fmt: skip
-    write_json(out, metrics)  # after the summary: a failed write never hides what was measured
+    try:  # the summary first: a failed write never hides what was measured; nor an unwritable stdout the file
+        say(json.dumps(metrics) if args.json else f"{args.checkpoint} (epoch {metrics['epoch']}, {weights} weights), "
+            f"{len(images)} digits: {metrics_line(metrics)}\nmemorisation: nearest training digit "
+            f"{m['pixel_nearest_median']:.2f} px-distance (median) for samples vs {m['pixel_nearest_median_test']:.2f} "
+            f"for unseen test digits (ratio {m['pixel_ratio']:.2f}; judge features {m['feature_ratio']:.2f}); "
+            f"near-copies {m['near_copy_share']:.1%} (test digits: 1% by construction)")  # fmt: skip
+    finally:
+        write_json(out, metrics)
     if args.nearest:
         nearest_picture(Path(args.nearest), images, evaluator.train_images)
     if not args.json:
-        print(f"wrote all metrics to {out}" + (f", nearest training digits to {args.nearest}" if args.nearest else ""))
+        say(f"wrote all metrics to {out}" + (f", nearest training digits to {args.nearest}" if args.nearest else ""))
     return Result(0, out.parent, metrics=metrics)
 
 
@@ -1897,29 +1907,22 @@ def slerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
     return torch.sin((1 - t) * omega) / sin * a + torch.sin(t * omega) / sin * b
 
 
-def walk_fractions(points: int, frames: int, loop: bool) -> tuple[Tensor, Tensor]:
-    """For each frame: which segment of the walk it is on, and how far along it (0 to 1)."""
-    segments = points if loop else points - 1
-    position = torch.linspace(0, segments, frames + (1 if loop else 0))[: frames if loop else None]
-    segment = position.floor().long().clamp(max=segments - 1)
-    return segment, position - segment
-
-
 @torch.no_grad()
 def walk(args: argparse.Namespace, G: Generator, device: torch.device) -> Tensor:
     """frames x paths x 1 x 28 x 28 images along the walks: through --digits, or through random points."""
-    rng = torch.Generator().manual_seed(args.seed)
+    rng, points = torch.Generator().manual_seed(args.seed), len(args.digits) if args.digits else args.points
+    segments = points if args.gif else points - 1  # a GIF loops back to where it started
+    position = torch.linspace(0, segments, args.frames + args.gif)[: args.frames]  # each frame's place on the walk
+    segment = position.floor().long().clamp(max=segments - 1)
+    t, after = (position - segment).to(device), (segment + 1) % points
     if args.digits:  # z held fixed per walk; the label embedding moves from digit to digit
         z = torch.randn(args.paths, G.latent_dim, generator=rng).to(device)
         waypoints = G.label_embedding(torch.tensor([int(d) for d in args.digits], device=device))
-        segment, t = walk_fractions(len(args.digits), args.frames, loop=args.gif)
-        vectors = torch.lerp(waypoints[segment], waypoints[(segment + 1) % len(waypoints)], t[:, None].to(device))
+        vectors = torch.lerp(waypoints[segment], waypoints[after], t[:, None])
         return torch.stack([G.decode(z, v.expand(args.paths, -1)) for v in vectors])
     waypoints = torch.randn(args.points, args.paths, G.latent_dim, generator=rng).to(device)
-    segment, t = walk_fractions(args.points, args.frames, loop=args.gif)
     labels = (torch.arange(args.paths, device=device) % NUM_CLASSES) if G.num_classes else None
-    z = slerp(waypoints[segment], waypoints[(segment + 1) % args.points], t.to(device))
-    return torch.stack([G(zf, labels) for zf in z])
+    return torch.stack([G(zf, labels) for zf in slerp(waypoints[segment], waypoints[after], t)])
 
 
 def interpolate(args: argparse.Namespace) -> Result:
@@ -1933,7 +1936,7 @@ def interpolate(args: argparse.Namespace) -> Result:
         save_gif(out, [grid_image(frame, math.ceil(math.sqrt(args.paths)), args.scale) for frame in images], 80)
     else:  # one walk per row
         save_png(out, grid_image(images.transpose(0, 1).reshape(-1, *IMAGE_SHAPE), args.frames, args.scale))
-    print(f"wrote {plural(args.paths, 'walk')} of {args.frames} frames to {out}")
+    say(f"wrote {plural(args.paths, 'walk')} of {args.frames} frames to {out}")
     return Result(0, out.parent)
 
 

@@ -80,7 +80,27 @@ MUTANTS: list[tuple[str, ...]] = [
         "first = [nn.Linear(in_dim, 256, bias=False)] if hidden else []",
     ),
     ("conditional-dcgan-generator-with-hidden-layer", "hidden=not num_classes)", "hidden=True)"),
+    (
+        "stdout-full-stops-training",
+        '        sys.stdout = open(os.devnull, "w")  # noqa: SIM115',
+        "        raise  # noqa: SIM115",
+    ),
+    (
+        "stdout-full-command-traceback",
+        'raise GanError(f"cannot write to standard output: {exc.strerror or exc}") from None',
+        "raise",
+    ),
+    (
+        "evaluate-stdout-failure-loses-the-file",
+        "    finally:\n        write_json(out, metrics)",
+        "    finally:\n        pass",
+    ),
     ("broken-pipe-traceback", "except BrokenPipeError:  # stdout closed early", "except ZeroDivisionError:  # stdout"),
+    (
+        "training-broken-pipe-loses-the-epoch",
+        "        StopSignal.active.signum = StopSignal.active.signum or signal.SIGPIPE\n",
+        "        raise\n",
+    ),
     (
         "dcgan-critic-without-hidden-layer",
         "nn.Flatten(), *_mlp([2 * c * 49, 256], True)), 256",
@@ -117,7 +137,11 @@ MUTANTS: list[tuple[str, ...]] = [
     ),
     ("knn-counts-itself", "nearest(x, x, k + 1)[0][:, k]", "nearest(x, x, k)[0][:, k - 1]"),
     ("distances-without-query-norm", "yield d.add_(q.square().sum(1, keepdim=True))", "yield d.add_(0)"),
-    ("judge-chunks-overwrite-each-other", "        start += len(h)\n", "\n"),
+    (
+        "judge-chunks-overwrite-each-other",
+        "        feats[start : start + len(h)] = h\n",
+        "        feats[: len(h)] = h\n",
+    ),
     (
         "eval-shifts-training-rng",
         "            with torch.random.fork_rng(devices=[]):  # its throwaway init",

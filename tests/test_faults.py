@@ -4,6 +4,7 @@ no foreign code runs, and the user gets one clear line."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import resource
 import shutil
@@ -317,3 +318,72 @@ def test_output_piped_into_a_reader_that_leaves_early_stops_quietly(train, tmp_p
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
     assert proc.returncode in (0, 141), (proc.returncode, proc.stderr)
     assert (tmp_path / "x.png").is_file()  # the work was done before the line that could not be written
+
+
+def test_training_piped_into_a_reader_that_leaves_early_saves_and_stops(data_dir: Path, tmp_path: Path) -> None:
+    """`gan_mnist.py --epochs 3 | head -1`: the reader goes after the first line; the run stops as at a signal, saved,
+    says how to resume on stderr (no traceback), exits 141, and resumes to the end."""
+    out = tmp_path / "run"
+    args = [str(ROOT / "gan_mnist.py"), "--data-dir", str(data_dir), "--out-dir", str(out), *FAST, "--epochs", "3"]
+    proc = spawn(args)
+    assert proc.stdout.readline().startswith("gan_mnist: training on")
+    proc.stdout.close()  # `head -1` has its line and leaves
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert "SIGPIPE: stopped at epoch" in err and "Resume with:" in err, err
+    saved = load(out / "checkpoints" / "last.pt")
+    assert saved["epoch"] < 3 and saved["epoch"] * 8 + saved["step"] >= 1, "stopped early, not before a step"
+    resumed = gan_mnist.main(["--resume", str(out / "checkpoints" / "last.pt"), "--epochs", "3"])
+    assert resumed.exit_code == 0 and [row["epoch"] for row in resumed.history] == [1, 2, 3]
+
+
+class FullAfter:
+    """A stdout on a disk that fills up after `lines` lines."""
+
+    def __init__(self, lines: int) -> None:
+        self.left = lines
+
+    def write(self, text: str) -> int:
+        if self.left <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.left -= text.count("\n")
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_stdout_that_cannot_be_written_fails_a_command_in_one_line_and_training_goes_on(
+    train, data_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """`> /dev/full`, a log on a full disk: a command says so in one line (its file is still written); a training
+    run that loses its stdout midway says so and trains to the end."""
+    monkeypatch.setattr(sys, "stdout", FullAfter(1))
+    result = train("run", "--epochs", "2")
+    assert result.exit_code == 0 and [row["epoch"] for row in result.history] == [1, 2]
+    assert (
+        "note: cannot write to standard output (No space left on device); training goes on" in capsys.readouterr().err
+    )
+    assert load(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 2
+    out = tmp_path / "digits.png"
+    argv = [
+        str(ROOT / "gan_mnist.py"),
+        "generate",
+        "--checkpoint",
+        str(tmp_path / "run/generator.pt"),
+        "--out",
+        str(out),
+    ]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, *argv], stdout=full, stderr=subprocess.PIPE, text=True, check=False)
+    assert proc.returncode == 1 and one_line_error(proc.stderr) == (
+        "gan_mnist: error: cannot write to standard output: No space left on device"
+    ), proc.stderr
+    assert out.is_file()
+    monkeypatch.setattr(sys, "stdout", FullAfter(0))
+    metrics = tmp_path / "scores.json"
+    argv = ["evaluate", "--checkpoint", str(tmp_path / "run/generator.pt"), "--num", "64", "--out", str(metrics)]
+    assert gan_mnist.main([*argv, "--data-dir", str(data_dir)]).exit_code == 1
+    assert "cannot write to standard output" in capsys.readouterr().err
+    assert json.loads(metrics.read_text())["num_samples"] == 64, "what was measured is kept"
