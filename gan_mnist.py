@@ -141,8 +141,10 @@ def to_uint8(images: Tensor) -> Tensor:
 
 
 def epoch_batches(num_images: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
-    """One epoch's index batches: a seeded permutation, each image once; the last batch keeps the remainder."""
-    return list(torch.randperm(num_images, generator=generator).split(batch_size))
+    """One epoch's index batches: a seeded permutation, each image once; the last batch keeps the remainder, unless
+    that is one image (G's batch norm cannot train on one), which sits that epoch out."""
+    batches = list(torch.randperm(num_images, generator=generator).split(batch_size))
+    return batches[:-1] if batch_size > 1 and len(batches[-1]) == 1 else batches
 
 
 # ============================================================================================ 3. models
@@ -679,9 +681,9 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict
               step or functools.partial(train_step, nets), fixed, all_images, test_images)  # fmt: skip
     prepare_run_folder(run, resumed=checkpoint is not None)
     resumed = f"\nresumed from {cfg.resume} at epoch {state.epoch}" + (f" step {state.step}" if state.step else "")
-    say(f"gan_mnist: training on {device} ({torch.get_num_threads()} CPU threads), {len(run.data)} images, "
-        f"{math.ceil(len(run.data) / cfg.batch_size)} steps/epoch, epochs {state.epoch + 1}..{cfg.epochs} -> "
-        f"{run_dir}{resumed if checkpoint else ''}")  # fmt: skip
+    steps = len(run.data) // cfg.batch_size + (len(run.data) % cfg.batch_size > 1)  # as epoch_batches splits
+    say(f"gan_mnist: training on {device} ({torch.get_num_threads()} CPU threads), {len(run.data)} images, {steps} "
+        f"steps/epoch, epochs {state.epoch + 1}..{cfg.epochs} -> {run_dir}{resumed if checkpoint else ''}")  # fmt: skip
     if cfg.tensorboard:
         open_tensorboard(run)
     return run
@@ -1721,6 +1723,7 @@ def check_config(cfg: Config) -> str | None:
         (0 <= cfg.b1 < 1 and 0 <= cfg.b2 < 1, "--b1 and --b2 must be in [0, 1)"),
         (0 <= cfg.ema_decay < 1, "--ema-decay must be in [0, 1)"),
         (cfg.subset == 0 or cfg.subset >= cfg.batch_size, f"--subset must be 0 or >= --batch-size {cfg.batch_size}"),
+        (cfg.arch != "dcgan" or cfg.batch_size > 1, "--arch dcgan needs --batch-size 2 or more (G's batch norm)"),
         (0 <= cfg.threads <= cpus(), f"--threads must be 0 (auto) to {cpus()}, the CPUs this process may use"),
         (0 <= cfg.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED}"),
         (cfg.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),

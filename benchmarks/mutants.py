@@ -95,6 +95,12 @@ MUTANTS: list[tuple[str, ...]] = [
         "    finally:\n        write_json(out, metrics)",
         "    finally:\n        pass",
     ),
+    (
+        "batch-of-one-digit-kept",
+        "return batches[:-1] if batch_size > 1 and len(batches[-1]) == 1 else batches",
+        "return batches",
+    ),
+    ("dcgan-batch-size-one-accepted", 'cfg.arch != "dcgan" or cfg.batch_size > 1', "True"),
     ("broken-pipe-traceback", "except BrokenPipeError:  # stdout closed early", "except ZeroDivisionError:  # stdout"),
     (
         "training-broken-pipe-loses-the-epoch",
