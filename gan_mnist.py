@@ -681,7 +681,7 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict
               step or functools.partial(train_step, nets), fixed, all_images, test_images)  # fmt: skip
     prepare_run_folder(run, resumed=checkpoint is not None)
     resumed = f"\nresumed from {cfg.resume} at epoch {state.epoch}" + (f" step {state.step}" if state.step else "")
-    steps = len(run.data) // cfg.batch_size + (len(run.data) % cfg.batch_size > 1)  # as epoch_batches splits
+    steps = len(epoch_batches(len(run.data), cfg.batch_size, torch.Generator()))  # its own stream: order unmoved
     say(f"gan_mnist: training on {device} ({torch.get_num_threads()} CPU threads), {len(run.data)} images, {steps} "
         f"steps/epoch, epochs {state.epoch + 1}..{cfg.epochs} -> {run_dir}{resumed if checkpoint else ''}")  # fmt: skip
     if cfg.tensorboard:
