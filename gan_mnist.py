@@ -859,7 +859,8 @@ def load_checkpoint(path: str | Path, *formats: str) -> dict[str, Any]:
     """torch.load(weights_only=True): tensors and plain containers only, so a crafted file cannot run code."""
     path = Path(path)
     if not path.is_file():
-        raise GanError(f"checkpoint not found: {path}" if not path.exists() else f"{path} is a folder, not a file")
+        found = "is a folder, not a file" if path.is_dir() else "is not a regular file (a device or a pipe?)"
+        raise GanError(f"checkpoint not found: {path}" if not path.exists() else f"{path} {found}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -1441,7 +1442,7 @@ class Interrupted(BaseException):
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Temporary file, fsync, rename: a crash or a full disk leaves the previous file whole, never half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp, existed = path.with_name(f".{path.name}.tmp{os.getpid()}"), path.exists()
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -1452,7 +1453,8 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         with contextlib.suppress(OSError):  # on a read-only folder there is nothing to remove
             tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise GanError(f"could not write {path}: {exc.strerror or exc}; the previous version is intact") from exc
+            kept = "the previous version is intact" if existed else "nothing was written"
+            raise GanError(f"could not write {path}: {exc.strerror or exc}; {kept}") from exc
         raise
 
 
@@ -1567,6 +1569,9 @@ RUN_OUTPUTS = ("config.json", "losses.csv", "losses.png", "metrics.csv", "metric
 def check_new_run_dir(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise GanError(f"--out-dir {folder} is a file, not a folder")
+    for part in (absolute := Path(os.path.abspath(folder)), *absolute.parents):  # e.g. run/samples: among its files
+        if part.name in RUN_OUTPUTS and holds_run(part.parent):
+            raise GanError(f"--out-dir {folder} is inside {part.name}/ of the run {part.parent}; choose another folder")
     if holds_run(folder):
         last = folder / "checkpoints" / "last.pt"
         raise GanError(f"{folder} already holds a run; resume it with --resume {last}, or choose another --out-dir")
@@ -1752,6 +1757,14 @@ def command_parser(name: str, description: str, out_help: str) -> argparse.Argum
     return p
 
 
+def check_output(path: Path, inputs: Iterable[str], named: bool = True) -> None:
+    """A command writes over none of its inputs; nor a `named` path over a run's files, or into its samples/ ..."""
+    where = path.resolve()
+    in_run = any(part.name in RUN_OUTPUTS and holds_run(part.parent) for part in (where, *where.parents))
+    if where in {Path(p).resolve() for p in inputs if p} or named and in_run:
+        raise GanError(f"{path} is an input or a file of a training run; name a new file")
+
+
 def command_generator(args: argparse.Namespace, raw: bool = False) -> tuple[Generator, dict[str, Any], torch.device]:
     """The commands' prologue: the device, the CPU threads, the generator of --checkpoint."""
     device = resolve_device(args.device)
@@ -1781,6 +1794,7 @@ def generate_args(argv: list[str]) -> argparse.Namespace:
 
 def generate(args: argparse.Namespace) -> Result:
     out, digit, labels, nrow = Path(args.out), args.digit, None, max(1, int(math.sqrt(args.num)))
+    check_output(out, [args.checkpoint])
     if args.to_folder and out.is_dir() and any(out.iterdir()):
         raise GanError(f"--out {out} already holds files; give a new or empty folder for one file per digit")
     G, _, device = command_generator(args)
@@ -1842,12 +1856,10 @@ def evaluate_args(argv: list[str]) -> argparse.Namespace:
 
 
 def evaluate_command(args: argparse.Namespace) -> Result:
-    # Beside the checkpoint, named after it: never the run's own metrics.json, which training writes.
+    # Beside the checkpoint, named after it (in checkpoints/ too): never the run's own metrics.json.
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".eval.json")
-    inputs = {Path(p).resolve() for p in (args.checkpoint, args.judge, args.data_dir) if p}
     for path in (out, *([Path(args.nearest)] if args.nearest else [])):  # outputs checked before the work
-        if path.resolve() in inputs or path.name in RUN_OUTPUTS and holds_run(path.parent):
-            raise GanError(f"{path} is an input or a file of a training run; name a new file")
+        check_output(path, (args.checkpoint, args.judge, args.data_dir), named=bool(args.out) or path is not out)
         make_folder(path.parent, f"the folder of {path}")
     G, obj, _ = command_generator(args, raw=args.raw)  # a bad checkpoint fails before any work
     evaluator = Evaluator(args.data_dir, args.judge, args.num)
@@ -1930,6 +1942,7 @@ def walk(args: argparse.Namespace, G: Generator, device: torch.device) -> Tensor
 
 def interpolate(args: argparse.Namespace) -> Result:
     out = Path(args.out)
+    check_output(out, [args.checkpoint])
     G, _, device = command_generator(args)
     if args.digits and not G.num_classes:
         raise GanError(f"--digits needs a conditional generator; {args.checkpoint} is unconditional")

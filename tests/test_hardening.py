@@ -61,6 +61,19 @@ def test_new_run_never_writes_over_saved_results(train, one_epoch_run, tmp_path:
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("inside", ["samples", "checkpoints/new", "tensorboard/a/b"])
+def test_no_run_starts_inside_the_folders_of_another_run(train, one_epoch_run, tmp_path, inside, capsys) -> None:
+    before = {p: p.read_bytes() for p in one_epoch_run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert train(f"run/{inside}", "--epochs", "1").exit_code == 1
+    assert f"is inside {inside.split('/')[0]}/ of the run" in one_line_error(capsys.readouterr().err)
+    last = str(one_epoch_run / "checkpoints" / "last.pt")  # nor a branch of it
+    assert train(f"run/{inside}", "--resume", last, "--epochs", "2").exit_code == 1
+    assert "of the run" in one_line_error(capsys.readouterr().err)
+    assert {p: p.read_bytes() for p in one_epoch_run.rglob("*") if p.is_file()} == before
+    assert train("run/mine", "--epochs", "1").exit_code == 0, "a folder of the user's inside a run is theirs"
+
+
 def test_new_run_may_start_in_a_folder_of_other_things(train, tmp_path: Path) -> None:
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / "README.md").write_text("mine")

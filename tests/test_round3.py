@@ -80,6 +80,31 @@ def test_evaluate_never_writes_over_its_input_or_a_runs_file(one_epoch_run, data
     assert files_of(one_epoch_run) == before
 
 
+@pytest.mark.parametrize("target", ["losses.png", "samples/epoch_0001.png", "progress.gif", "samples/new/",
+                                    "checkpoints/m.json"])  # fmt: skip
+def test_no_command_writes_over_or_among_a_runs_files(one_epoch_run, data_dir, tmp_path, target, capsys) -> None:
+    before, ckpt, out = files_of(one_epoch_run), str(one_epoch_run / "generator.pt"), f"{one_epoch_run}/{target}"
+    commands = {".png": ["generate", "--out", out], "/": ["generate", "--out", out],
+                ".gif": ["interpolate", "--out", out, "--frames", "3"],
+                ".json": ["evaluate", "--out", out, "--num", "64", "--data-dir", str(data_dir)]}  # fmt: skip
+    argv = [*commands[next(k for k in commands if target.endswith(k))], "--checkpoint", ckpt]
+    if target.endswith(".png"):  # evaluate's picture of nearest training digits, too
+        argv_nearest = ["evaluate", "--checkpoint", ckpt, "--num", "64", "--data-dir", str(data_dir), "--out",
+                        str(tmp_path / "m.json"), "--nearest", out]  # fmt: skip
+        assert gan_mnist.main(argv_nearest).exit_code == 1
+        assert "a file of a training run" in one_line_error(capsys.readouterr().err)
+    capsys.readouterr()
+    assert gan_mnist.main(argv).exit_code == 1
+    assert "is an input or a file of a training run; name a new file" in one_line_error(capsys.readouterr().err)
+    assert files_of(one_epoch_run) == before
+    argv[argv.index(out)] = str(one_epoch_run / "mine") + ("/" if target.endswith("/") else Path(target).suffix)
+    assert gan_mnist.main(argv).exit_code == 0, "a new file of the user's in the run folder is theirs to write"
+    if target.endswith(".json"):  # evaluate's own default name, beside a checkpoint in checkpoints/, is no run file
+        last = one_epoch_run / "checkpoints" / "last.pt"
+        assert gan_mnist.main([*argv[:1], *argv[3:-2], "--checkpoint", str(last)]).exit_code == 0
+        assert json.loads(last.with_suffix(".eval.json").read_text())["num_samples"] == 64
+
+
 def test_evaluate_creates_missing_folders_first_and_prints_the_metrics_whatever_fails_to_write(
     one_epoch_run, data_dir, tmp_path, monkeypatch, capsys
 ) -> None:
@@ -159,11 +184,15 @@ def test_writes_to_a_read_only_folder_are_one_line(one_epoch_run, tmp_path, monk
     monkeypatch.setattr(Path, "unlink", lambda p, *a, **k: read_only(p) if str(p).startswith(str(locked)) else
                         real_unlink(p, *a, **k))  # fmt: skip
     ckpt = str(one_epoch_run / "generator.pt")
+    (locked / "w.gif").write_bytes(b"the user's")  # before the refusals begin
     for argv in (["generate", "--checkpoint", ckpt, "--out", str(locked / "d.npy")],
                  ["interpolate", "--checkpoint", ckpt, "--out", str(locked / "w.gif"), "--frames", "4"]):  # fmt: skip
         capsys.readouterr()
         assert gan_mnist.main(argv).exit_code == 1
-        assert "Read-only file system" in one_line_error(capsys.readouterr().err)
+        line = one_line_error(capsys.readouterr().err)
+        kept = "the previous version is intact" if argv[0] == "interpolate" else "nothing was written"
+        assert "Read-only file system" in line and line.endswith(kept), line  # it says what is there now
+    assert (locked / "w.gif").read_bytes() == b"the user's" and not (locked / "d.npy").exists()
 
 
 @pytest.mark.parametrize("named", [False, True], ids=["own-cache", "--judge"])
@@ -332,6 +361,8 @@ def test_messages_say_what_is_there(one_epoch_run, tmp_path, data_dir, capsys) -
     argv = ["evaluate", "--checkpoint", str(one_epoch_run / "generator.pt"), "--data-dir", str(data_dir), "--num", "64"]
     assert gan_mnist.main([*argv, "--judge", str(tmp_path / "a_dir")]).exit_code == 1
     assert "is a folder, not a file" in one_line_error(capsys.readouterr().err)
+    assert gan_mnist.main(["generate", "--checkpoint", os.devnull, "--out", "x.png"]).exit_code == 1
+    assert "is not a regular file" in one_line_error(capsys.readouterr().err)  # a device is not called a folder
     assert gan_mnist.main(["generate", "--checkpoint", str(tmp_path / "m.json"), "--out", "x.png"]).exit_code == 1
     line = one_line_error(capsys.readouterr().err)
     assert "not a PyTorch file" in line and "could run code" not in line
