@@ -1559,6 +1559,21 @@ def holds_run(folder: Path) -> bool:
     return (folder / "checkpoints" / "last.pt").exists()
 
 
+def is_run_folder(folder: Path) -> bool:
+    """A run's folder, resumable or not: users delete checkpoints/ to free the disk and keep the rest."""
+    if holds_run(folder):
+        return True
+    with contextlib.suppress(OSError, ValueError):
+        config = json.loads((folder / "config.json").read_text())
+        return isinstance(config, dict) and "run_id" in config
+    return False
+
+
+def run_part(path: Path) -> Path | None:
+    """The output of a run folder (samples/, losses.png ...) that the absolute `path` is or lies inside, if any."""
+    return next((p for p in (path, *path.parents) if p.name in RUN_OUTPUTS and is_run_folder(p.parent)), None)
+
+
 # Every name gan_mnist writes in a run folder. A new run starts only where none of them exists, so it never
 # writes over results (a finished run whose checkpoints were deleted, `--out-dir .` in a project folder).
 RUN_OUTPUTS = ("config.json", "losses.csv", "losses.png", "metrics.csv", "metrics.json", "metrics.png",
@@ -1569,9 +1584,8 @@ RUN_OUTPUTS = ("config.json", "losses.csv", "losses.png", "metrics.csv", "metric
 def check_new_run_dir(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise GanError(f"--out-dir {folder} is a file, not a folder")
-    for part in (absolute := Path(os.path.abspath(folder)), *absolute.parents):  # e.g. run/samples: among its files
-        if part.name in RUN_OUTPUTS and holds_run(part.parent):
-            raise GanError(f"--out-dir {folder} is inside {part.name}/ of the run {part.parent}; choose another folder")
+    if part := run_part(Path(os.path.abspath(folder))):  # e.g. run/samples: among a run's own files
+        raise GanError(f"--out-dir {folder} is inside {part.name}/ of the run {part.parent}; choose another folder")
     if holds_run(folder):
         last = folder / "checkpoints" / "last.pt"
         raise GanError(f"{folder} already holds a run; resume it with --resume {last}, or choose another --out-dir")
@@ -1583,7 +1597,10 @@ def check_new_run_dir(folder: Path) -> None:
 
 def new_run_dir() -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    if part := run_part(Path("outputs").resolve()):  # run from inside a run's samples/: its outputs/ would be there
+        raise GanError(f"outputs/ here would be inside {part.name}/ of the run {part.parent}; pass --out-dir DIR")
     make_folder(Path("outputs"), "the folder outputs/")
+
     for n in range(1, 1000):
         candidate = Path("outputs") / (f"run-{stamp}" if n == 1 else f"run-{stamp}-{n}")
         try:
@@ -1757,12 +1774,14 @@ def command_parser(name: str, description: str, out_help: str) -> argparse.Argum
     return p
 
 
-def check_output(path: Path, inputs: Iterable[str], named: bool = True) -> None:
-    """A command writes over none of its inputs; nor a `named` path over a run's files, or into its samples/ ..."""
+def check_output(path: Path, inputs: Iterable[str], named: bool = True, file: bool = True) -> None:
+    """Before the work: a command writes over none of its inputs, nor a `named` path over a run's files or into its
+    samples/ ...; and a `file` is not a folder."""
     where = path.resolve()
-    in_run = any(part.name in RUN_OUTPUTS and holds_run(part.parent) for part in (where, *where.parents))
-    if where in {Path(p).resolve() for p in inputs if p} or named and in_run:
+    if where in {Path(p).resolve() for p in inputs if p} or named and run_part(where):
         raise GanError(f"{path} is an input or a file of a training run; name a new file")
+    if file and path.is_dir():
+        raise GanError(f"{path} is a folder; name a file to write")
 
 
 def command_generator(args: argparse.Namespace, raw: bool = False) -> tuple[Generator, dict[str, Any], torch.device]:
@@ -1794,7 +1813,7 @@ def generate_args(argv: list[str]) -> argparse.Namespace:
 
 def generate(args: argparse.Namespace) -> Result:
     out, digit, labels, nrow = Path(args.out), args.digit, None, max(1, int(math.sqrt(args.num)))
-    check_output(out, [args.checkpoint])
+    check_output(out, [args.checkpoint], file=not args.to_folder)
     if args.to_folder and out.is_dir() and any(out.iterdir()):
         raise GanError(f"--out {out} already holds files; give a new or empty folder for one file per digit")
     G, _, device = command_generator(args)

@@ -257,10 +257,14 @@ MUTANTS: list[tuple[str, ...]] = [
     ("failed-start-removes-users-files", "if name not in before and name in (*RUN_OUTPUTS, LOCK):", "if True:"),
     ("lock-writes-over-users-lock", 'LOCK = ".gan_mnist.lock"', 'LOCK = ".lock"'),
     ("outputs-may-be-inputs", "if where in {Path(p).resolve() for p in inputs if p} or named", "if named"),
-    ("outputs-may-be-a-runs-files", "or named and in_run:", "or False:"),
+    ("outputs-may-be-a-runs-files", "or named and run_part(where):", "or False:"),
     ("evaluate-default-out-refused-in-checkpoints", "named=bool(args.out) or path is not out)", "named=True)"),
-    ("outputs-may-be-inside-a-runs-folders", "for part in (where, *where.parents)", "for part in (where,)"),
-    ("generate-output-unchecked", "sqrt(args.num)))\n    check_output(out, [args.checkpoint])", "sqrt(args.num)))"),
+    ("outputs-may-be-inside-a-runs-folders", "for p in (path, *path.parents)", "for p in (path,)"),
+    (
+        "generate-output-unchecked",
+        "sqrt(args.num)))\n    check_output(out, [args.checkpoint], file=not args.to_folder)",
+        "sqrt(args.num)))",
+    ),
     ("interpolate-output-unchecked", "    check_output(out, [args.checkpoint])\n    G, _, device", "    G, _, device"),
     (
         "evaluate-output-unchecked",
@@ -269,7 +273,15 @@ MUTANTS: list[tuple[str, ...]] = [
     ),
     ("write-error-claims-a-previous-file", 'if existed else "nothing was written"', 'if True else ""'),
     ("device-called-a-folder", 'if path.is_dir() else "is not a regular file (a device or a pipe?)"', ""),
-    ("run-inside-another-runs-folder", "if part.name in RUN_OUTPUTS and holds_run(part.parent):", "if False:"),
+    ("run-inside-another-runs-folder", "if part := run_part(Path(os.path.abspath(folder))):", "if False:"),
+    ("run-folder-known-only-by-checkpoint", 'return isinstance(config, dict) and "run_id" in config', "return False"),
+    ("output-folder-accepted", "if file and path.is_dir():", "if False:"),
+    (
+        "generate-folder-called-a-file",
+        "check_output(out, [args.checkpoint], file=not args.to_folder)",
+        "check_output(out, [args.checkpoint])",
+    ),  # fmt: skip
+    ("default-outputs-inside-a-run", 'if part := run_part(Path("outputs").resolve()):', "if False:"),
     ("generate-folder-overwrites", "if args.to_folder and out.is_dir() and any(out.iterdir()):", "if False:"),
     ("links-followed", "        if folder.is_symlink():  # pruning there", "        if False:  # pruning there"),
     (

@@ -105,6 +105,41 @@ def test_no_command_writes_over_or_among_a_runs_files(one_epoch_run, data_dir, t
         assert json.loads(last.with_suffix(".eval.json").read_text())["num_samples"] == 64
 
 
+def test_a_run_whose_checkpoints_were_deleted_is_still_protected(one_epoch_run, data_dir, monkeypatch, capsys) -> None:
+    shutil.rmtree(one_epoch_run / "checkpoints")  # the user frees the disk and keeps generator.pt and the rest
+    before, ckpt = files_of(one_epoch_run), str(one_epoch_run / "generator.pt")
+    run = str(one_epoch_run)
+    for argv in (["generate", "--out", f"{run}/losses.png"], ["generate", "--out", f"{run}/samples/"],
+                 ["interpolate", "--out", f"{run}/progress.gif", "--frames", "3"],
+                 ["evaluate", "--out", f"{run}/metrics.json", "--data-dir", str(data_dir), "--num", "64"]):  # fmt: skip
+        assert gan_mnist.main([*argv, "--checkpoint", ckpt]).exit_code == 1, argv
+        assert "a file of a training run" in one_line_error(capsys.readouterr().err)
+    argv = ["--data-dir", str(data_dir), "--epochs", "1", "--eval-every", "-1", "--no-tensorboard", "--quiet"]
+    assert gan_mnist.main([*argv, "--out-dir", str(one_epoch_run / "samples" / "new")]).exit_code == 1
+    assert "is inside samples/ of the run" in one_line_error(capsys.readouterr().err)
+    monkeypatch.chdir(one_epoch_run / "samples")  # the default outputs/ would be made inside the run's samples/
+    assert gan_mnist.main(argv).exit_code == 1
+    assert "would be inside samples/ of the run" in one_line_error(capsys.readouterr().err)
+    assert files_of(one_epoch_run) == before and not (one_epoch_run / "samples" / "outputs").exists()
+
+
+@pytest.mark.parametrize("argv, folder", [
+    (["evaluate", "--out", "m.json", "--num", "64"], "m.json"),
+    (["evaluate", "--out", "ok.json", "--nearest", "n.png", "--num", "64"], "n.png"),
+    (["interpolate", "--out", "w.gif", "--frames", "3"], "w.gif"),
+    (["interpolate", "--out", "w.png"], "w.png"),
+])  # fmt: skip
+def test_an_output_that_is_a_folder_is_refused_before_the_work(one_epoch_run, data_dir, tmp_path, argv, folder,
+                                                               capsys) -> None:  # fmt: skip
+    (tmp_path / folder).mkdir()
+    argv = [str(tmp_path / a) if a.endswith((".json", ".png", ".gif")) else a for a in argv]
+    data = ["--data-dir", str(data_dir)] if argv[0] == "evaluate" else []
+    assert gan_mnist.main([*argv, *data, "--checkpoint", str(one_epoch_run / "generator.pt")]).exit_code == 1
+    out = capsys.readouterr()
+    assert "is a folder; name a file to write" in one_line_error(out.err) and not out.out  # before the work
+    assert not any((tmp_path / folder).iterdir()) and not (tmp_path / "ok.json").exists()
+
+
 def test_evaluate_creates_missing_folders_first_and_prints_the_metrics_whatever_fails_to_write(
     one_epoch_run, data_dir, tmp_path, monkeypatch, capsys
 ) -> None:
