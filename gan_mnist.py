@@ -812,7 +812,7 @@ def schema_problem(obj: dict[str, Any]) -> str | None:
         return problem
     if obj["format"] == GENERATOR_FORMAT:
         return first_error([
-            (0 < obj["latent_dim"] <= 4096, f"latent_dim {obj['latent_dim']} is outside 1..4096"),
+            (0 < obj["latent_dim"] <= MAX_LATENT, f"latent_dim {obj['latent_dim']} is outside 1..{MAX_LATENT}"),
             (obj["arch"] in ARCHS, f"arch {obj['arch']!r} is not one of {', '.join(ARCHS)}"),
             (obj["num_classes"] in (0, NUM_CLASSES), f"num_classes {obj['num_classes']} is not 0 or 10"),
         ])  # fmt: skip
@@ -969,6 +969,8 @@ def check_judge_path(path: Path) -> None:
             load_checkpoint(path, JUDGE_FORMAT)
     except GanError as exc:
         raise GanError(f"--judge {path}: {exc}; it is not a gan_mnist judge cache, so it is left as it is") from None
+    if run_part(path.resolve()):  # a run's samples/, checkpoints/ ... hold only what training writes there
+        raise GanError(f"--judge {path} is among the files of a training run; name a path outside them")
 
 
 def load_or_train_judge(
@@ -1696,6 +1698,7 @@ class Result:
 
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
+MAX_LATENT = 4096  # z's size, trained and loaded alike: a generator.pt trained is one that loads
 MAX_EVAL_NUM = 50_000  # digits per evaluation: images and features stay under about 250 MB
 MAX_GRID = 10_000  # digits in one .png grid or one folder
 MAX_NPY = 10_000_000  # digits in one .npy (7.8 GB on disk; written in chunks, memory stays small)
@@ -1739,7 +1742,7 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 def check_config(cfg: Config) -> str | None:
     """What is wrong with a configuration, from the command line or a file; None if nothing."""
-    positive = ("epochs", "batch_size", "latent_dim", "r1_every", "sample_every", "checkpoint_every", "n_critic")
+    positive = ("epochs", "batch_size", "r1_every", "sample_every", "checkpoint_every", "n_critic")
     return first_error([(getattr(cfg, name) > 0, f"{_flag(name)} must be a positive integer") for name in positive] + [
         (cfg.lr > 0 and math.isfinite(cfg.lr), "--lr must be a positive number"),
         (0 <= cfg.b1 < 1 and 0 <= cfg.b2 < 1, "--b1 and --b2 must be in [0, 1)"),
@@ -1748,6 +1751,7 @@ def check_config(cfg: Config) -> str | None:
         (cfg.arch != "dcgan" or cfg.batch_size > 1, "--arch dcgan needs --batch-size 2 or more (G's batch norm)"),
         (0 <= cfg.threads <= cpus(), f"--threads must be 0 (auto) to {cpus()}, the CPUs this process may use"),
         (0 <= cfg.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED}"),
+        (1 <= cfg.latent_dim <= MAX_LATENT, f"--latent-dim must be 1 to {MAX_LATENT}"),
         (cfg.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
         (cfg.eval_every >= -1, "--eval-every must be a positive integer, 0 or -1"),
         (10 <= cfg.eval_num <= MAX_EVAL_NUM, f"--eval-num must be 10 to {MAX_EVAL_NUM}"),
@@ -1975,7 +1979,17 @@ def interpolate(args: argparse.Namespace) -> Result:
     return Result(0, out.parent)
 
 
+def out_of_memory(exc: BaseException) -> str:
+    """What to say of an allocation that failed (CPU allocators raise a RuntimeError that says so); "" if none did."""
+    if not isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) and "can't allocate memory" not in str(exc):
+        return ""
+    size = m.group(1) if (m := re.search(r"(?i)tried to allocate ([\d.]+ ?\w+)", str(exc))) else "more than there is"
+    return f"out of memory (tried to allocate {size}); a smaller --batch-size, --eval-num or --num needs less"
+
+
 # Each command besides training: what reads (and checks) its arguments, and what runs it.
+
+
 COMMANDS = {"generate": (generate_args, generate), "evaluate": (evaluate_args, evaluate_command),
             "interpolate": (interpolate_args, interpolate)}  # fmt: skip
 
@@ -1997,11 +2011,16 @@ def main(argv: list[str] | None = None) -> Result:
     with StopSignal(raising=True):  # SIGTERM and SIGHUP end a command as Ctrl-C does: a write removes its temporary
         try:
             return run()
-        except (GanError, KeyboardInterrupt, Interrupted) as exc:  # a stop outside a training loop: nothing to save
+        except (GanError, KeyboardInterrupt, Interrupted, MemoryError, RuntimeError) as exc:  # a stop outside training
+            if isinstance(exc, RuntimeError) and not out_of_memory(exc):  # a bug: its traceback is what helps
+                raise
             if debug:
                 traceback.print_exc()
-            code = 1 if isinstance(exc, GanError) else 128 + getattr(exc, "signum", signal.SIGINT)
-            print(f"gan_mnist: error: {exc}" if code == 1 else "gan_mnist: interrupted", file=sys.stderr, flush=True)
+            code = (
+                128 + exc.signum if isinstance(exc, Interrupted) else 130 if isinstance(exc, KeyboardInterrupt) else 1
+            )
+            print(f"gan_mnist: error: {out_of_memory(exc) or exc}" if code == 1 else "gan_mnist: interrupted",
+                  file=sys.stderr, flush=True)  # fmt: skip
             return Result(code)
         except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as shell tools do
             return Result(128 + signal.SIGPIPE)

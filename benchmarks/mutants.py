@@ -282,6 +282,22 @@ MUTANTS: list[tuple[str, ...]] = [
         "check_output(out, [args.checkpoint])",
     ),  # fmt: skip
     ("default-outputs-inside-a-run", 'if part := run_part(Path("outputs").resolve()):', "if False:"),
+    ("judge-among-a-runs-files", "if run_part(path.resolve()):  # a run's samples/", "if False:  # a run's samples/"),
+    ("latent-dim-unbounded", '(1 <= cfg.latent_dim <= MAX_LATENT, f"--latent-dim must be 1 to {MAX_LATENT}"),', ""),
+    (
+        "out-of-memory-traceback",
+        "if isinstance(exc, RuntimeError) and not out_of_memory(exc):",
+        "if isinstance(exc, RuntimeError):",
+    ),
+    ("bugs-disguised-as-out-of-memory", "if isinstance(exc, RuntimeError) and not out_of_memory(exc):", "if False:"),
+    (
+        "out-of-memory-unnamed",
+        (
+            'if not isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) and "can\'t allocate memory" not in '
+            "str(exc):"
+        ),  # fmt: skip
+        "if True:",
+    ),
     ("generate-folder-overwrites", "if args.to_folder and out.is_dir() and any(out.iterdir()):", "if False:"),
     ("links-followed", "        if folder.is_symlink():  # pruning there", "        if False:  # pruning there"),
     (

@@ -271,10 +271,33 @@ def test_npy_output_is_written_in_chunks(one_epoch_run, tmp_path: Path, monkeypa
         (["--recipe", "fancy"], "--recipe must be one of"),
         (["--r1-every", "0"], "--r1-every must be"),
         (["--lr-decay", "cosine"], "--lr-decay must be"),
+        (["--latent-dim", "5000"], "--latent-dim must be 1 to 4096"),  # its generator.pt would not load
     ],
 )
 def test_out_of_range_inputs_are_usage_errors(argv, message, capsys) -> None:
     assert message in usage_error(argv, capsys)
+
+
+def test_out_of_memory_is_one_line_and_a_bug_keeps_its_traceback(train, tmp_path, monkeypatch, capsys) -> None:
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 1024000000000 bytes. Error code 12")  # fmt: skip
+
+    monkeypatch.setattr(gan_mnist, "build_nets", no_memory)
+    assert train("run", "--epochs", "1").exit_code == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert "out of memory (tried to allocate 1024000000000 bytes)" in line and "--batch-size" in line
+    assert not (tmp_path / "run").exists(), "a failed start leaves nothing"
+    monkeypatch.undo()
+    assert train("run", "--epochs", "1").exit_code == 0
+    argv = ["generate", "--checkpoint", str(tmp_path / "run" / "generator.pt"), "--out", str(tmp_path / "x.png")]
+    monkeypatch.setattr(gan_mnist, "load_generator", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+    capsys.readouterr()
+    assert gan_mnist.main(argv).exit_code == 1
+    assert "out of memory" in one_line_error(capsys.readouterr().err)
+    monkeypatch.setattr(gan_mnist, "load_generator", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # not disguised as a user's error
+        gan_mnist.main(argv)
 
 
 def test_a_superscript_digit_is_one_line(tmp_path: Path, train, capsys) -> None:

@@ -114,6 +114,11 @@ def test_a_run_whose_checkpoints_were_deleted_is_still_protected(one_epoch_run, 
                  ["evaluate", "--out", f"{run}/metrics.json", "--data-dir", str(data_dir), "--num", "64"]):  # fmt: skip
         assert gan_mnist.main([*argv, "--checkpoint", ckpt]).exit_code == 1, argv
         assert "a file of a training run" in one_line_error(capsys.readouterr().err)
+    judge = ["--judge", f"{run}/samples/judge.pt", "--data-dir", str(data_dir)]  # the judge cache: nor there
+    assert gan_mnist.main(["evaluate", "--checkpoint", ckpt, "--out", "e.json", "--num", "64", *judge]).exit_code == 1
+    assert "is among the files of a training run" in one_line_error(capsys.readouterr().err)
+    assert gan_mnist.main([*judge, "--out-dir", str(one_epoch_run.parent / "b"), "--epochs", "1"]).exit_code == 1
+    assert "is among the files of a training run" in one_line_error(capsys.readouterr().err)
     argv = ["--data-dir", str(data_dir), "--epochs", "1", "--eval-every", "-1", "--no-tensorboard", "--quiet"]
     assert gan_mnist.main([*argv, "--out-dir", str(one_epoch_run / "samples" / "new")]).exit_code == 1
     assert "is inside samples/ of the run" in one_line_error(capsys.readouterr().err)
