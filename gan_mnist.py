@@ -1586,7 +1586,7 @@ RUN_OUTPUTS = ("config.json", "losses.csv", "losses.png", "metrics.csv", "metric
 def check_new_run_dir(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise GanError(f"--out-dir {folder} is a file, not a folder")
-    if part := run_part(Path(os.path.abspath(folder))):  # e.g. run/samples: among a run's own files
+    if part := run_part(folder.resolve()):  # e.g. run/samples, or a link to it: among a run's own files
         raise GanError(f"--out-dir {folder} is inside {part.name}/ of the run {part.parent}; choose another folder")
     if holds_run(folder):
         last = folder / "checkpoints" / "last.pt"

@@ -273,7 +273,7 @@ MUTANTS: list[tuple[str, ...]] = [
     ),
     ("write-error-claims-a-previous-file", 'if existed else "nothing was written"', 'if True else ""'),
     ("device-called-a-folder", 'if path.is_dir() else "is not a regular file (a device or a pipe?)"', ""),
-    ("run-inside-another-runs-folder", "if part := run_part(Path(os.path.abspath(folder))):", "if False:"),
+    ("run-inside-another-runs-folder", "if part := run_part(folder.resolve()):", "if False:"),
     ("run-folder-known-only-by-checkpoint", 'return isinstance(config, dict) and "run_id" in config', "return False"),
     ("output-folder-accepted", "if file and path.is_dir():", "if False:"),
     (
@@ -282,6 +282,11 @@ MUTANTS: list[tuple[str, ...]] = [
         "check_output(out, [args.checkpoint])",
     ),  # fmt: skip
     ("default-outputs-inside-a-run", 'if part := run_part(Path("outputs").resolve()):', "if False:"),
+    (
+        "run-dir-links-followed-late",
+        "if part := run_part(folder.resolve()):",
+        "if part := run_part(Path(os.path.abspath(folder))):",
+    ),
     ("judge-among-a-runs-files", "if run_part(path.resolve()):  # a run's samples/", "if False:  # a run's samples/"),
     ("latent-dim-unbounded", '(1 <= cfg.latent_dim <= MAX_LATENT, f"--latent-dim must be 1 to {MAX_LATENT}"),', ""),
     (

@@ -71,6 +71,10 @@ def test_no_run_starts_inside_the_folders_of_another_run(train, one_epoch_run, t
     assert train(f"run/{inside}", "--resume", last, "--epochs", "2").exit_code == 1
     assert "of the run" in one_line_error(capsys.readouterr().err)
     assert {p: p.read_bytes() for p in one_epoch_run.rglob("*") if p.is_file()} == before
+    (tmp_path / "link").symlink_to(one_epoch_run / inside.split("/")[0])  # nor through a link to the folder
+    assert train("link/new", "--epochs", "1").exit_code == 1
+    assert f"is inside {inside.split('/')[0]}/ of the run" in one_line_error(capsys.readouterr().err)
+    assert {p: p.read_bytes() for p in one_epoch_run.rglob("*") if p.is_file()} == before
     assert train("run/mine", "--epochs", "1").exit_code == 0, "a folder of the user's inside a run is theirs"
 
 
