@@ -1590,7 +1590,9 @@ def check_new_run_dir(folder: Path) -> None:
         raise GanError(f"--out-dir {folder} is inside {part.name}/ of the run {part.parent}; choose another folder")
     if holds_run(folder):
         last = folder / "checkpoints" / "last.pt"
-        raise GanError(f"{folder} already holds a run; resume it with --resume {last}, or choose another --out-dir")
+        raise GanError(f"{folder} already holds a run; resume it with --resume {shlex.quote(str(last))}, or choose "
+                       "another --out-dir")  # fmt: skip
+
     found = [name for name in RUN_OUTPUTS if (folder / name).exists()]
     if found:
         raise GanError(f"{folder} already holds results of gan_mnist ({', '.join(found[:4])}); choose another "

@@ -287,6 +287,7 @@ MUTANTS: list[tuple[str, ...]] = [
         "if part := run_part(folder.resolve()):",
         "if part := run_part(Path(os.path.abspath(folder))):",
     ),
+    ("resume-hint-of-a-refused-run-unquoted", "--resume {shlex.quote(str(last))}, or", "--resume {last}, or"),
     ("judge-among-a-runs-files", "if run_part(path.resolve()):  # a run's samples/", "if False:  # a run's samples/"),
     ("latent-dim-unbounded", '(1 <= cfg.latent_dim <= MAX_LATENT, f"--latent-dim must be 1 to {MAX_LATENT}"),', ""),
     (

@@ -393,6 +393,9 @@ def test_printed_commands_paste_into_a_shell(train, tmp_path, monkeypatch, capsy
     commands = __import__("html").unescape(page.split("<pre>")[1].split("</pre>")[0]).splitlines()
     assert shlex.split(commands[0])[3] == str(tmp_path / name / "checkpoints" / "last.pt")
     assert all(Path(shlex.split(c)[4]).is_absolute() for c in commands[1:3])
+    assert train(name, "--epochs", "1").exit_code == 1  # a new run refused there names the resume, quoted too
+    hint = one_line_error(capsys.readouterr().err).split("resume it with ")[1].split(", or choose")[0]
+    assert shlex.split(hint) == ["--resume", str(tmp_path / name / "checkpoints" / "last.pt")]
 
 
 def test_messages_say_what_is_there(one_epoch_run, tmp_path, data_dir, capsys) -> None:
