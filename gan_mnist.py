@@ -303,7 +303,8 @@ class Nets:
             return
         self.ema_updates += 1
         decay = ((1 + self.ema_updates) / (10 + self.ema_updates)).clamp(max=self.ema_decay)
-        torch._foreach_lerp_(list(self.ema.parameters()), list(self.G.parameters()), 1 - decay)
+        ema = list(self.ema.parameters())  # the weight as tensors: as a Scalar it is read back (.item(), a host sync)
+        torch._foreach_lerp_(ema, list(self.G.parameters()), [1 - decay] * len(ema))
 
 
 @torch.no_grad()
@@ -356,9 +357,9 @@ def set_schedule(nets: Nets, cfg: Config, epoch: int) -> None:
         for group in opt.param_groups:
             if not group.get("capturable"):
                 group["lr"] = lr * decay
-            elif isinstance(group["lr"], Tensor):  # in place: a captured graph reads it at this address
-                group["lr"].fill_(lr * decay)
-            else:
+            elif isinstance(group["lr"], Tensor) and group["lr"].device == group["params"][0].device:
+                group["lr"].fill_(lr * decay)  # in place: a captured graph reads it at this address
+            else:  # a float, or a tensor a checkpoint loaded to the CPU, where a graph would bake its value in
                 group["lr"] = torch.tensor(lr * decay, device=group["params"][0].device)
             group["betas"] = (cfg.b1, cfg.b2)  # flags given at a resume win over the saved optimiser settings
 
