@@ -1593,7 +1593,6 @@ def check_new_run_dir(folder: Path) -> None:
         last = folder / "checkpoints" / "last.pt"
         raise GanError(f"{folder} already holds a run; resume it with --resume {shlex.quote(str(last))}, or choose "
                        "another --out-dir")  # fmt: skip
-
     found = [name for name in RUN_OUTPUTS if (folder / name).exists()]
     if found:
         raise GanError(f"{folder} already holds results of gan_mnist ({', '.join(found[:4])}); choose another "
@@ -1605,7 +1604,6 @@ def new_run_dir() -> Path:
     if part := run_part(Path("outputs").resolve()):  # run from inside a run's samples/: its outputs/ would be there
         raise GanError(f"outputs/ here would be inside {part.name}/ of the run {part.parent}; pass --out-dir DIR")
     make_folder(Path("outputs"), "the folder outputs/")
-
     for n in range(1, 1000):
         candidate = Path("outputs") / (f"run-{stamp}" if n == 1 else f"run-{stamp}-{n}")
         try:
@@ -1991,8 +1989,6 @@ def out_of_memory(exc: BaseException) -> str:
 
 
 # Each command besides training: what reads (and checks) its arguments, and what runs it.
-
-
 COMMANDS = {"generate": (generate_args, generate), "evaluate": (evaluate_args, evaluate_command),
             "interpolate": (interpolate_args, interpolate)}  # fmt: skip
 
@@ -2019,9 +2015,8 @@ def main(argv: list[str] | None = None) -> Result:
                 raise
             if debug:
                 traceback.print_exc()
-            code = (
-                128 + exc.signum if isinstance(exc, Interrupted) else 130 if isinstance(exc, KeyboardInterrupt) else 1
-            )
+            stopped = isinstance(exc, (KeyboardInterrupt, Interrupted))  # Ctrl-C, or a signal outside training
+            code = 128 + getattr(exc, "signum", signal.SIGINT) if stopped else 1
             print(f"gan_mnist: error: {out_of_memory(exc) or exc}" if code == 1 else "gan_mnist: interrupted",
                   file=sys.stderr, flush=True)  # fmt: skip
             return Result(code)
