@@ -201,6 +201,21 @@ MUTANTS: list[tuple[str, ...]] = [
     ("r1-off-schedule", "% cfg.r1_every == 0", "% cfg.r1_every == 1"),
     ("lr-decay-off-by-one", "decay = 1.0 - (epoch - 1) / cfg.epochs", "decay = 1.0 - epoch / cfg.epochs"),
     ("capturable-lr-left-on-the-cpu", 'Tensor) and group["lr"].device == group["params"][0].device:', "Tensor):"),
+    (
+        "g-weights-row-major",
+        "Generator(cfg.latent_dim, classes, cfg.arch).to(device, memory_format=torch.channels_last)",
+        "Generator(cfg.latent_dim, classes, cfg.arch).to(device)",
+    ),
+    (
+        "d-weights-row-major",
+        "Discriminator(classes, cfg.spectral_norm, cfg.arch).to(device, memory_format=torch.channels_last)",
+        "Discriminator(classes, cfg.spectral_norm, cfg.arch).to(device)",
+    ),
+    (
+        "resumed-moments-keep-their-saved-layout",
+        "s.update({k: torch.empty_like(p).copy_(v) for k, v in s.items() if v.shape == p.shape})",
+        "pass",
+    ),
     ("ttur-ignored", "(nets.opt_d, cfg.d_lr or cfg.lr)", "(nets.opt_d, cfg.lr)"),
     (
         "ttur-initial-lr-only",
