@@ -42,17 +42,15 @@ def scores(evaluator: gan_mnist.Evaluator, images: torch.Tensor) -> tuple[dict, 
     return row, h
 
 
-@torch.no_grad()
-def sample(G: gan_mnist.Generator, num: int, psi: float, seed: int = 0) -> torch.Tensor:
-    z = torch.randn(num, G.latent_dim, generator=torch.Generator().manual_seed(seed)) * psi
-    labels = torch.arange(num) % gan_mnist.NUM_CLASSES if G.num_classes else None
-    chunks = range(0, num, gan_mnist.EVAL_CHUNK)
-    return torch.cat(
-        [
-            G(z[s : s + gan_mnist.EVAL_CHUNK], None if labels is None else labels[s : s + gan_mnist.EVAL_CHUNK])
-            for s in chunks
-        ]
-    )
+class Truncated(torch.nn.Module):
+    """G with its noise scaled by psi, for the Evaluator's own sampler (the evaluation's noise and labels)."""
+
+    def __init__(self, G: gan_mnist.Generator, psi: float) -> None:
+        super().__init__()
+        self.G, self.psi, self.latent_dim, self.num_classes = G, psi, G.latent_dim, G.num_classes
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.G(z * self.psi, labels)
 
 
 def main() -> None:
@@ -70,7 +68,7 @@ def main() -> None:
         G, _ = gan_mnist.load_generator(path, torch.device("cpu"))
         result["runs"][path] = {}
         for psi in (float(x) for x in args.psi.split(",")):
-            images = sample(G, args.num, psi)
+            images = evaluator.sample(Truncated(G, psi))[0]
             result["runs"][path][str(psi)], h = scores(evaluator, images)
             if args.grid and i == 0 and psi == 1:
                 gan_mnist.save_png(args.grid, gan_mnist.grid_image(images[np.argsort(-h)[:64].copy()], 8, 3))
