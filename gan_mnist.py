@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import numpy as np
+import scipy.sparse
+import scipy.sparse.linalg
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -73,6 +75,9 @@ class Config:
     arch: str = _f("mlp", "networks: mlp (the tutorial's) or dcgan (convolutional G and D)", defining=True)
     loss: str = _f("bce", "bce (the tutorial's) or wgan-gp (a critic with a gradient penalty; presets its recipe)",
                    defining=True)  # fmt: skip
+    clusters: int = _f(0, "self-conditioned: G and D see which of N clusters of the training digits (found "
+                       "without labels) a digit is in; sampling stays unconditional (0 = off)", metavar="N",
+                       defining=True)  # fmt: skip
     ema_decay: float = _f(0.999, "EMA of G's weights for samples, generate and evaluate (0 = off)", defining=True)
     # the stabilisers: --recipe, --loss, --conditional and --arch preset them (PRESETS below); a flag typed wins
     recipe: str = _f("stable", "stable: the tutorial's maths plus lazy R1; tutorial: as published", defining=True)
@@ -104,25 +109,35 @@ class Config:
     quiet: bool = _f(False, "no progress bar; print only the per-epoch summaries")
     debug: bool = _f(False, "show the full traceback of an error")
 
+    @property
+    def labelled(self) -> bool:  # whether each training digit comes with a label: its digit, or its cluster
+        return self.conditional or self.clusters > 0
+
 
 # A resumed run must keep these: they define the model or the data stream that the checkpoint continues.
 RUN_DEFINING = tuple(f.name for f in dataclasses.fields(Config) if f.metadata.get("defining"))
 RECIPES = ("stable", "tutorial")
 # What the choices preset, each entry where all its choices hold, in this order, then the flags the user typed
 # (README, 'The default recipe', 'Which GAN?'). "stable" is the Config defaults; "tutorial" the blog's maths;
-# WGAN-GP's the paper's, with no R1 beside its gradient penalty. The DCGAN trains best with 8 times the default's
-# R1; the conditional MLP without R1; the conditional DCGAN, whose D is stronger, with the default's.
+# WGAN-GP's the paper's, with no R1 beside its gradient penalty. The DCGAN trains best self-conditioned on 40
+# clusters, with the default's R1 (without clusters: 8 times it); the conditional MLP without R1; the conditional
+# DCGAN, whose D is stronger, with the default's.
 PRESETS: list[tuple[dict[str, Any], dict[str, Any]]] = [
     ({"recipe": "tutorial"}, {"r1_gamma": 0.0}),
-    ({"arch": "dcgan", "conditional": False}, {"r1_gamma": 8.0}),
+    ({"arch": "dcgan", "loss": "bce", "conditional": False}, {"clusters": 40}),
+    ({"arch": "dcgan", "conditional": False, "clusters": 0}, {"r1_gamma": 8.0}),
     ({"loss": "wgan-gp"}, {"lr": 1e-4, "b2": 0.9, "n_critic": 5, "gp_weight": 10.0, "r1_gamma": 0.0}),
     ({"conditional": True, "arch": "mlp"}, {"r1_gamma": 0.0}),
 ]
 
 
 def recipe_config(flags: dict[str, Any]) -> Config:
-    chosen = {name: flags.get(name, getattr(Config, name)) for name in ("recipe", "arch", "loss", "conditional")}
-    preset = {k: v for when, settings in PRESETS if when.items() <= chosen.items() for k, v in settings.items()}
+    chosen = {k: flags.get(k, getattr(Config, k)) for k in ("recipe", "arch", "loss", "conditional", "clusters")}
+    preset: dict[str, Any] = {}
+    for when, settings in PRESETS:
+        if when.items() <= chosen.items():
+            preset |= settings
+            chosen |= {k: v for k, v in settings.items() if k in chosen and k not in flags}  # what later entries see
     return Config(**(preset | flags))
 
 
@@ -145,6 +160,43 @@ def epoch_batches(num_images: int, batch_size: int, generator: torch.Generator) 
     that is one image (G's batch norm cannot train on one), which sits that epoch out."""
     batches = list(torch.randperm(num_images, generator=generator).split(batch_size))
     return batches[:-1] if batch_size > 1 and len(batches[-1]) == 1 else batches
+
+
+CLUSTERS = range(2, 256)  # --clusters: each digit's cluster id is kept in a byte
+
+
+def digit_clusters(images: Tensor, k: int, neighbours: int = 10) -> Tensor:
+    """k clusters of the digits, found without labels: spectral clustering (Ng et al. 2002) of the graph joining each
+    digit to its 10 nearest in pixel space, the scales self-tuned (Zelnik-Manor & Perona 2004). A digit's nearest
+    neighbour is the same digit 97 % of the time, so these clusters are purer than k-means of the pixels (README)."""
+    x = images.float().flatten(1) / 255
+    n, sq = len(x), x.square().sum(1)
+    dist, near = np.empty((n, neighbours), np.float32), np.empty((n, neighbours), np.int64)
+    for s in range(0, n, 2000):  # squared distances, 2000 rows at a time (480 MB for 60,000 digits)
+        d = sq[s : s + 2000, None] - 2 * x[s : s + 2000] @ x.T + sq
+        d[torch.arange(len(d)), torch.arange(s, s + len(d))] = math.inf  # not its own neighbour
+        values, indices = d.topk(neighbours, largest=False)
+        dist[s : s + 2000], near[s : s + 2000] = values.clamp_min(0).sqrt().numpy(), indices.numpy()
+    scale = dist[:, -1:]  # a digit's distance to its 10th neighbour: dense and sparse regions alike
+    weights = np.exp(-(dist**2) / (scale * scale[near].squeeze(-1) + 1e-8))
+    A = scipy.sparse.csr_matrix((weights.ravel(), (np.repeat(np.arange(n), neighbours), near.ravel())), shape=(n, n))
+    A = A.maximum(A.T)
+    norm = scipy.sparse.diags(1 / np.sqrt(np.asarray(A.sum(1)).ravel()))
+    _, vectors = scipy.sparse.linalg.eigsh(norm @ A @ norm, k=k, which="LA", v0=np.ones(n) / np.sqrt(n))
+    return kmeans(torch.from_numpy(vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).float(), k)
+
+
+def kmeans(x: Tensor, k: int, iters: int = 30) -> Tensor:
+    """Lloyd's k-means from k-means++ seeds (Arthur & Vassilvitskii 2007), on a stream of its own: the ids."""
+    rng = torch.Generator().manual_seed(0)
+    centres = x[torch.randint(len(x), (1,), generator=rng)]
+    for _ in range(k - 1):
+        far = torch.cdist(x, centres).min(1).values.square()
+        centres = torch.cat([centres, x[torch.multinomial(far, 1, generator=rng)]])
+    for _ in range(iters):
+        ids = torch.cdist(x, centres).argmin(1)
+        centres = torch.stack([x[ids == j].mean(0) if (ids == j).any() else centres[j] for j in range(k)])
+    return ids
 
 
 # ============================================================================================ 3. models
@@ -187,17 +239,30 @@ def discriminator_body(arch: str) -> tuple[nn.Sequential, int]:
 
 
 class Generator(nn.Module):
-    """z (+ digit label) -> 1 x 28 x 28 image in [-1, 1]."""
+    """z (+ digit label) -> 1 x 28 x 28 image in [-1, 1]. With `clusters`, still unconditional: z picks a cluster."""
 
-    def __init__(self, latent_dim: int = 100, num_classes: int = 0, arch: str = "mlp") -> None:
+    def __init__(self, latent_dim: int = 100, num_classes: int = 0, arch: str = "mlp", clusters: int = 0) -> None:
         super().__init__()
-        self.latent_dim, self.num_classes, self.arch = latent_dim, num_classes, arch
-        # Conditional: the label enters as a learned embedding joined to z.
-        self.label_embedding = nn.Embedding(num_classes, LABEL_DIM) if num_classes else None
-        self.net = generator_body(arch, latent_dim + (LABEL_DIM if num_classes else 0), hidden=not num_classes)
+        self.latent_dim, self.num_classes, self.arch, self.clusters = latent_dim, num_classes, arch, clusters
+        labels = num_classes or clusters  # conditional: the label enters as a learned embedding joined to z
+        self.label_embedding = nn.Embedding(labels, LABEL_DIM) if labels else None
+        self.net = generator_body(arch, latent_dim + (LABEL_DIM if labels else 0), hidden=not labels)
+        if clusters:  # the clusters' cumulative shares of the training digits: z's first coordinate picks one
+            self.register_buffer("cluster_cdf", torch.linspace(1 / clusters, 1, clusters))
 
     def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        if self.clusters and labels is None:
+            z, labels = self.pick_clusters(z)
         return self.decode(z, None if self.label_embedding is None else self.label_embedding(labels))
+
+    def pick_clusters(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Cluster k with its share of the digits: where Phi(z_0) falls among the cumulative shares; z_0 is then
+        spread back over N(0, 1) within that slice, so (z, k) are independent, as in training."""
+        u, cdf = 0.5 * (1 + torch.erf(z[:, 0].float() / math.sqrt(2))), self.cluster_cdf  # erf: MPS lacks ndtri
+        k = torch.searchsorted(cdf, u.contiguous(), right=True).clamp_(max=self.clusters - 1)
+        low = torch.where(k > 0, cdf[(k - 1).clamp(min=0)], 0.0)
+        v = ((u - low) / (cdf[k] - low).clamp(min=1e-12)).clamp(1e-6, 1 - 1e-6)
+        return torch.cat([math.sqrt(2) * torch.erfinv(2 * v[:, None] - 1).to(z.dtype), z[:, 1:]], dim=1), k
 
     def decode(self, z: Tensor, label_vectors: Tensor | None = None) -> Tensor:
         """From z and (conditional) label embedding vectors: what `interpolate` walks between digits with."""
@@ -294,8 +359,10 @@ class Nets:
         return self.ema if self.ema is not None else self.G
 
     def autocast(self) -> torch.autocast:
-        # cache_enabled=False: D's weights change between the step's two regions, and CUDA graphs need it off.
-        return torch.autocast(self.stats.device.type, torch.bfloat16, enabled=self.bf16, cache_enabled=False)
+        # Each region casts a weight once (WGAN-GP's D runs twice in one: 3-5 % faster on CPU); the cache ends with the
+        # region, before D's weights change. CUDA graphs need it off.
+        on_cpu = self.stats.device.type == "cpu"
+        return torch.autocast(self.stats.device.type, torch.bfloat16, enabled=self.bf16, cache_enabled=on_cpu)
 
     def update_ema(self) -> None:
         """EMA of G's weights, warmed up (decay (1+t)/(10+t) up to ema_decay: early grids are not init noise)."""
@@ -340,8 +407,9 @@ def make_adam(params: Any, cfg: Config, lr: float, capturable: bool = False) -> 
 def build_nets(cfg: Config, device: torch.device, capturable: bool = False) -> Nets:
     classes = NUM_CLASSES if cfg.conditional else 0
     # Convolutions run faster on channels-last weights (README, Speed); the MLP has none, so it is unchanged.
-    G = Generator(cfg.latent_dim, classes, cfg.arch).to(device, memory_format=torch.channels_last)
-    D = Discriminator(classes, cfg.spectral_norm, cfg.arch).to(device, memory_format=torch.channels_last)
+    G = Generator(cfg.latent_dim, classes, cfg.arch, cfg.clusters)
+    D = Discriminator(classes or cfg.clusters, cfg.spectral_norm, cfg.arch)
+    G, D = (net.to(device, memory_format=torch.channels_last) for net in (G, D))
     # The EMA is a copy, not a new Generator: a new one's init would draw from the RNG and shift training.
     ema = copy.deepcopy(G).requires_grad_(False) if cfg.ema_decay > 0 else None
     opt_g = make_adam(G.parameters(), cfg, cfg.lr, capturable)
@@ -422,6 +490,7 @@ class RunState:
     fixed_noise: Tensor  # the noise behind every sample grid, drawn once from the seed
     fixed_labels: Tensor | None  # conditional: row k of each grid is digit k
     rng: dict  # random states: "torch" and "cuda" when saved, "data" as the epoch in progress began
+    cluster_ids: Tensor | None = None  # --clusters: each training digit's cluster (uint8), found once at the start
     epoch: int = 0  # epochs completed
     step: int = 0  # steps done in the next epoch (non-zero after an interruption)
     epoch_steps: int = 0
@@ -520,7 +589,7 @@ def train_epoch(run: Run, epoch: int, stop: StopSignal) -> bool:
         idx = batches[i].to(run.device, non_blocking=True)
         done = (epoch - 1) * len(batches) + i  # steps before this one: the lazy R1 and critic schedules
         r1, update_g = cfg.r1_gamma > 0 and done % cfg.r1_every == 0, done % cfg.n_critic == 0
-        run.step_fn(to_model_range(run.data[idx]), run.labels[idx] if cfg.conditional else None, r1, update_g)
+        run.step_fn(to_model_range(run.data[idx]), run.labels[idx] if cfg.labelled else None, r1, update_g)
         state.epoch_steps += 1
         state.step = i + 1
         bar.update(1)
@@ -671,13 +740,15 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict
     nets = build_nets(cfg, device, capturable=use_graph)
     data_rng = torch.Generator().manual_seed(cfg.seed)
     state = RunState.new(cfg, data_rng) if checkpoint is None else restore(nets, checkpoint, cfg, device, data_rng)
+    if cfg.clusters:
+        labels = use_clusters(nets, state, images, cfg.clusters)
     nets.stats.copy_(state.epoch_stats)
     precision = "bf16" if nets.bf16 else "tf32" if device.type == "cuda" else "fp32"
     state.invocations = [*state.invocations, {
         "started": datetime.now().isoformat(timespec="seconds"), "from_epoch": state.epoch, "epochs": cfg.epochs,
         "device": str(device), "threads": torch.get_num_threads(), "precision": precision,
         "torch": str(torch.__version__), "resume": cfg.resume or None}]  # fmt: skip
-    step = CudaGraphStep(nets, cfg.batch_size, cfg.conditional, device) if use_graph else None
+    step = CudaGraphStep(nets, cfg.batch_size, cfg.labelled, device) if use_graph else None
     fixed = state.fixed_noise.to(device), None if state.fixed_labels is None else state.fixed_labels.to(device)
     run = Run(cfg, run_dir, device, nets, images.to(device), labels.to(device), data_rng, state,
               step or functools.partial(train_step, nets), fixed, all_images, test_images)  # fmt: skip
@@ -691,12 +762,29 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, checkpoint: dict
     return run
 
 
+def use_clusters(nets: Nets, state: RunState, images: Tensor, k: int) -> Tensor:
+    """--clusters: each training digit's cluster (found when the run starts, then kept in its checkpoints), and the
+    clusters' shares of the digits, which the generators sample by."""
+    if state.cluster_ids is None:
+        say(f"gan_mnist: finding {k} clusters among {len(images)} training digits (about a minute for 60,000)")
+        state.cluster_ids = digit_clusters(images, k).to(torch.uint8)
+    ids = state.cluster_ids.long()
+    if len(ids) != len(images) or int(ids.max()) >= k:
+        raise GanError(f"the checkpoint's cluster ids do not fit its {len(images)} training digits and {k} clusters")
+    cdf = torch.bincount(ids, minlength=k).cumsum(0).float() / len(ids)
+    for G in filter(None, (nets.G, nets.ema)):
+        G.cluster_cdf.copy_(cdf)
+    return ids
+
+
 def read_run_data(cfg: Config) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Every file the run needs, read before the first step: a bad one fails now, not after the last epoch."""
     all_images, labels = load_mnist(cfg.data_dir, train=True)
     if cfg.subset > len(all_images):
         raise GanError(f"--subset {cfg.subset} is more than the {len(all_images)} training images")
     images, labels = (all_images[: cfg.subset], labels[: cfg.subset]) if cfg.subset else (all_images, labels)
+    if cfg.clusters * 4 > len(images):
+        raise GanError(f"--clusters {cfg.clusters} needs 4 training digits per cluster; there are {len(images)}")
     test_images = load_mnist(cfg.data_dir, train=False)[0] if cfg.eval_every >= 0 else None
     if cfg.eval_every >= 0 and cfg.judge:
         check_judge_path(Path(cfg.judge))
@@ -792,7 +880,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
                         "discriminator": "dict", "ema": "dict | None", "ema_updates": "Tensor", "opt_g": "dict",
                         "opt_d": "dict"},
     GENERATOR_FORMAT: {"epoch": "int", "ema": "bool", "latent_dim": "int", "num_classes": "int", "arch": "str",
-                       "state_dict": "dict"},
+                       "clusters": "int", "state_dict": "dict"},
     JUDGE_FORMAT: {"state_dict": "dict", "sha256": "str", "test_accuracy": "float", "train_images": "int"},
     "rng": {"torch": "Tensor", "cuda": "Tensor | None", "data": "Tensor"},
 }  # fmt: skip
@@ -820,6 +908,7 @@ def schema_problem(obj: dict[str, Any]) -> str | None:
             (0 < obj["latent_dim"] <= MAX_LATENT, f"latent_dim {obj['latent_dim']} is outside 1..{MAX_LATENT}"),
             (obj["arch"] in ARCHS, f"arch {obj['arch']!r} is not one of {', '.join(ARCHS)}"),
             (obj["num_classes"] in (0, NUM_CLASSES), f"num_classes {obj['num_classes']} is not 0 or 10"),
+            (obj["clusters"] in (0, *CLUSTERS), f"clusters {obj['clusters']} is outside 2..255"),
         ])  # fmt: skip
     if obj["epoch"] < 0 or obj["step"] < 0:
         return f"epoch {obj['epoch']} / step {obj['step']} is negative"
@@ -878,8 +967,10 @@ def load_checkpoint(path: str | Path, *formats: str) -> dict[str, Any]:
         raise GanError(f"{path} is not a {' or '.join(formats)} file (found {found!r})")
     if obj["format"] == CHECKPOINT_FORMAT:
         obj.setdefault("run_id", "")  # saved before runs had ids: its folder alone says whose it is
+        obj.setdefault("cluster_ids", None)  # saved before --clusters existed
     elif obj["format"] == GENERATOR_FORMAT:
         obj.setdefault("arch", "mlp")  # saved before --arch existed
+        obj.setdefault("clusters", 0)
     problem = schema_problem(obj)
     if problem:
         raise GanError(f"{path} is damaged: {problem}")
@@ -889,7 +980,7 @@ def load_checkpoint(path: str | Path, *formats: str) -> dict[str, Any]:
 def save_generator(path: Path, nets: Nets, epoch: int, **extra: Any) -> None:
     G = nets.sampler()
     save_checkpoint({"format": GENERATOR_FORMAT, "version": FORMAT_VERSION, "epoch": epoch, "ema": nets.ema is not None,
-                     "latent_dim": G.latent_dim, "num_classes": G.num_classes, "arch": G.arch,
+                     "latent_dim": G.latent_dim, "num_classes": G.num_classes, "arch": G.arch, "clusters": G.clusters,
                      "state_dict": G.state_dict(), **extra}, path)  # fmt: skip
 
 
@@ -899,12 +990,13 @@ def load_generator(path: str | Path, device: torch.device, raw: bool = False) ->
     if obj["format"] == CHECKPOINT_FORMAT:  # the networks are what its config says
         config = obj["config"]
         latent_dim, classes = config.get("latent_dim", 100), NUM_CLASSES * config.get("conditional", 0)
-        arch = config.get("arch", "mlp")
+        arch, clusters = config.get("arch", "mlp"), config.get("clusters", 0)
         state_dict = obj["ema"] if obj["ema"] is not None and not raw else obj["generator"]
         obj["ema"] = state_dict is obj["ema"]
     else:
         latent_dim, classes, state_dict, arch = obj["latent_dim"], obj["num_classes"], obj["state_dict"], obj["arch"]
-    G = Generator(latent_dim, classes, arch)
+        clusters = obj["clusters"]
+    G = Generator(latent_dim, classes, arch, clusters)
     try:
         G.load_state_dict(state_dict)
     except RuntimeError as exc:
@@ -1757,6 +1849,8 @@ def check_config(cfg: Config) -> str | None:
         (0 <= cfg.threads <= cpus(), f"--threads must be 0 (auto) to {cpus()}, the CPUs this process may use"),
         (0 <= cfg.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED}"),
         (1 <= cfg.latent_dim <= MAX_LATENT, f"--latent-dim must be 1 to {MAX_LATENT}"),
+        (cfg.clusters in (0, *CLUSTERS), f"--clusters must be 0 (off) or {CLUSTERS[0]} to {CLUSTERS[-1]}"),
+        (not (cfg.clusters and cfg.conditional), "--clusters stands in for the digit labels of --conditional: use one"),
         (cfg.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
         (cfg.eval_every >= -1, "--eval-every must be a positive integer, 0 or -1"),
         (10 <= cfg.eval_num <= MAX_EVAL_NUM, f"--eval-num must be 10 to {MAX_EVAL_NUM}"),

@@ -130,10 +130,12 @@ class GanMnistLoop:
         cfg = gan_mnist.recipe_config(flags)
         images, _ = gan_mnist.load_mnist(data_dir, train=True)
         self.data = images.to(device)
+        # --arch dcgan presets --clusters 40: the step sees each digit's cluster (random ids: the cost is the same)
+        self.labels = torch.randint(cfg.clusters, (len(images),), device=device) if cfg.clusters else None
         self.nets = gan_mnist.build_nets(cfg, device, capturable=cuda_graph)
         gan_mnist.set_schedule(self.nets, cfg, 1)
         self.step_fn = (
-            gan_mnist.CudaGraphStep(self.nets, batch_size, False, device)
+            gan_mnist.CudaGraphStep(self.nets, batch_size, cfg.labelled, device)
             if cuda_graph
             else functools.partial(gan_mnist.train_step, self.nets)
         )
@@ -147,7 +149,8 @@ class GanMnistLoop:
             self.batches = gan_mnist.epoch_batches(len(self.data), self.batch_size, self.rng)[::-1]
         idx = self.batches.pop().to(self.device, non_blocking=True)
         r1 = bool(self.r1_every) and self.steps % self.r1_every == 0
-        self.step_fn(gan_mnist.to_model_range(self.data[idx]), None, r1, self.steps % self.n_critic == 0)
+        labels = None if self.labels is None else self.labels[idx]
+        self.step_fn(gan_mnist.to_model_range(self.data[idx]), labels, r1, self.steps % self.n_critic == 0)
         self.steps += 1
 
 

@@ -72,14 +72,14 @@ MUTANTS: list[tuple[str, ...]] = [
     ("ema-batch-norm-momentum-not-restored", "        m.momentum = momentum\n", ""),
     ("checkpoint-ema-statistics-unfit", "nets.sampler().state_dict(),", "nets.ema.state_dict(),"),
     ("generator-file-forgets-arch", '"arch": G.arch,', '"arch": "mlp",'),
-    ("checkpoint-rebuild-ignores-arch", 'arch = config.get("arch", "mlp")', 'arch = "mlp"'),
+    ("checkpoint-rebuild-ignores-arch", 'arch, clusters = config.get("arch", "mlp"),', 'arch, clusters = "mlp",'),
     ("batch-norm-eps-for-momentum", "nn.BatchNorm2d(c), nn.ReLU(True)", "nn.BatchNorm2d(c, 0.8), nn.ReLU(True)"),
     (
         "dcgan-generator-hidden-layer-without-norm-and-relu",
         "first = [nn.Linear(in_dim, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(True)] if hidden else []",
         "first = [nn.Linear(in_dim, 256, bias=False)] if hidden else []",
     ),
-    ("conditional-dcgan-generator-with-hidden-layer", "hidden=not num_classes)", "hidden=True)"),
+    ("conditional-dcgan-generator-with-hidden-layer", "hidden=not labels)", "hidden=True)"),
     (
         "stdout-full-stops-training",
         '        sys.stdout = open(os.devnull, "w")  # noqa: SIM115',
@@ -119,7 +119,16 @@ MUTANTS: list[tuple[str, ...]] = [
     ),
     ("wgan-gp-preset-one-critic-step", '"n_critic": 5', '"n_critic": 1'),
     ("critic-scores-named-probabilities", '("critic_real", "critic_fake")', '("d_x", "d_g_z")'),
-    ("loss-not-run-defining", "defining=True)  # fmt: skip", "defining=False)  # fmt: skip"),
+    (
+        "loss-not-run-defining",
+        'presets its recipe)",\n                   defining=True)',
+        'presets its recipe)",\n                   defining=False)',
+    ),
+    (
+        "clusters-not-run-defining",
+        'metavar="N",\n                       defining=True)',
+        'metavar="N",\n                       defining=False)',
+    ),
     ("spectral-norm-skips-convolutions", "isinstance(m, (nn.Linear, nn.Conv2d))", "isinstance(m, nn.Linear)"),
     ("critic-statistics-as-probabilities", 'lambda s: s, ("critic_real"', 'torch.sigmoid, ("critic_real"'),
     # -- metrics
@@ -174,14 +183,23 @@ MUTANTS: list[tuple[str, ...]] = [
     ("generate-wrong-digit", "torch.full((args.num,), int(digit))", "torch.full((args.num,), 9 - int(digit))"),
     ("conditional-default-keeps-r1", '"arch": "mlp"}, {"r1_gamma": 0.0}', '"arch": "mlp"}, {}'),
     ("conditional-dcgan-drops-r1", '({"conditional": True, "arch": "mlp"}', '({"conditional": True}'),
-    ("dcgan-default-gamma", '    ({"arch": "dcgan", "conditional": False}, {"r1_gamma": 8.0}),\n', ""),
-    ("conditional-dcgan-takes-dcgan-gamma", '{"arch": "dcgan", "conditional": False}', '{"arch": "dcgan"}'),
+    ("dcgan-default-gamma", '    ({"arch": "dcgan", "conditional": False, "clusters": 0}, {"r1_gamma": 8.0}),\n', ""),
+    (
+        "conditional-dcgan-takes-dcgan-gamma",
+        '{"arch": "dcgan", "conditional": False, "clusters": 0}',
+        '{"arch": "dcgan", "clusters": 0}',
+    ),
+    (
+        "clustered-dcgan-takes-dcgan-gamma",
+        '{"arch": "dcgan", "conditional": False, "clusters": 0}',
+        '{"arch": "dcgan", "conditional": False}',
+    ),
     (  # the gradient penalty's entry must come after the DCGAN's, to replace its R1
         "dcgan-gamma-after-wgan-gp",
-        '    ({"arch": "dcgan", "conditional": False}, {"r1_gamma": 8.0}),\n    ({"loss": "wgan-gp"}, '
+        '    ({"arch": "dcgan", "conditional": False, "clusters": 0}, {"r1_gamma": 8.0}),\n    ({"loss": "wgan-gp"}, '
         '{"lr": 1e-4, "b2": 0.9, "n_critic": 5, "gp_weight": 10.0, "r1_gamma": 0.0}),\n',
         '    ({"loss": "wgan-gp"}, {"lr": 1e-4, "b2": 0.9, "n_critic": 5, "gp_weight": 10.0, "r1_gamma": 0.0}),\n'
-        '    ({"arch": "dcgan", "conditional": False}, {"r1_gamma": 8.0}),\n',
+        '    ({"arch": "dcgan", "conditional": False, "clusters": 0}, {"r1_gamma": 8.0}),\n',
     ),
     ("tutorial-recipe-keeps-r1", '({"recipe": "tutorial"}, {"r1_gamma": 0.0})', '({"recipe": "tutorial"}, {})'),
     # -- the GAN step
@@ -203,18 +221,50 @@ MUTANTS: list[tuple[str, ...]] = [
     ("capturable-lr-left-on-the-cpu", 'Tensor) and group["lr"].device == group["params"][0].device:', "Tensor):"),
     (
         "g-weights-row-major",
-        "Generator(cfg.latent_dim, classes, cfg.arch).to(device, memory_format=torch.channels_last)",
-        "Generator(cfg.latent_dim, classes, cfg.arch).to(device)",
+        "G, D = (net.to(device, memory_format=torch.channels_last) for net in (G, D))",
+        "G, D = G.to(device), D.to(device, memory_format=torch.channels_last)",
     ),
     (
         "d-weights-row-major",
-        "Discriminator(classes, cfg.spectral_norm, cfg.arch).to(device, memory_format=torch.channels_last)",
-        "Discriminator(classes, cfg.spectral_norm, cfg.arch).to(device)",
+        "G, D = (net.to(device, memory_format=torch.channels_last) for net in (G, D))",
+        "G, D = G.to(device, memory_format=torch.channels_last), D.to(device)",
     ),
     (
         "resumed-moments-keep-their-saved-layout",
         "s.update({k: torch.empty_like(p).copy_(v) for k, v in s.items() if v.shape == p.shape})",
         "pass",
+    ),
+    # -- --clusters: the self-conditioned DCGAN
+    ("dcgan-preset-without-clusters", '"conditional": False}, {"clusters": 40}),', '"conditional": False}, {}),'),
+    (  # a preset choice must count for the entries after it: else the clustered DCGAN gets the plain one's R1
+        "presets-ignore-earlier-presets",
+        "chosen |= {k: v for k, v in settings.items() if k in chosen and k not in flags}",
+        "pass",
+    ),
+    ("clusters-by-pixel-kmeans", "return kmeans(torch.from_numpy(vectors", "return kmeans(x, k)  # ("),
+    (
+        "clusters-drawn-equally",
+        "k = torch.searchsorted(cdf, u.contiguous(), right=True)",
+        "k = (u * self.clusters).long()",
+    ),
+    (
+        "cluster-noise-not-spread-back",
+        "return torch.cat([math.sqrt(2) * torch.erfinv(2 * v[:, None] - 1).to(z.dtype), z[:, 1:]], dim=1), k",
+        "return z, k",
+    ),
+    ("cluster-shares-not-given-to-g", "        G.cluster_cdf.copy_(cdf)\n", "        pass\n"),
+    ("resume-finds-clusters-again", "    if state.cluster_ids is None:\n        say(", "    if True:\n        say("),
+    ("cluster-ids-unchecked", "if len(ids) != len(images) or int(ids.max()) >= k:", "if False:"),
+    (
+        "clusters-not-fed-to-the-step",
+        "run.labels[idx] if cfg.labelled else None",
+        "run.labels[idx] if cfg.conditional else None",
+    ),
+    (
+        "autocast-cache-off",
+        "cache_enabled=on_cpu)",
+        "cache_enabled=False)",
+        "the weight cache changes the step's speed (README, Speed), not its values: a cached cast equals a fresh one",
     ),
     ("ttur-ignored", "(nets.opt_d, cfg.d_lr or cfg.lr)", "(nets.opt_d, cfg.lr)"),
     (

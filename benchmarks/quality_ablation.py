@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TUTORIAL = ["--recipe", "tutorial"]
+PLAIN_DCGAN = ["--arch", "dcgan", "--clusters", "0"]
 VARIANTS: dict[str, list[str]] = {
     "tutorial": TUTORIAL,  # the blog post's recipe
     "stable": [],  # the shipped default
@@ -42,19 +43,20 @@ VARIANTS: dict[str, list[str]] = {
     "r1-lazy-gamma0.3": [*TUTORIAL, "--r1-gamma", "0.3", "--r1-every", "8"],
     "r1-lazy-gamma3": [*TUTORIAL, "--r1-gamma", "3", "--r1-every", "8"],
     # the GANs the tutorial names next (README, 'Which GAN?'): each preset by its flags
-    "dcgan": ["--arch", "dcgan"],  # its preset, R1 gamma 8; the trials below measured at gamma 1 say so
-    "dcgan-r1": ["--arch", "dcgan", "--r1-gamma", "1"],
-    "dcgan-r1-gamma0.1": ["--arch", "dcgan", "--r1-gamma", "0.1"],
-    "dcgan-r1-gamma2": ["--arch", "dcgan", "--r1-gamma", "2"],
-    "dcgan-r1-gamma4": ["--arch", "dcgan", "--r1-gamma", "4"],
-    "dcgan-r1-gamma8": ["--arch", "dcgan", "--r1-gamma", "8"],
-    "dcgan-r1-gamma16": ["--arch", "dcgan", "--r1-gamma", "16"],
-    "dcgan-r1-gamma5": ["--arch", "dcgan", "--r1-gamma", "5"],
-    "dcgan-no-r1": ["--arch", "dcgan", "--r1-gamma", "0"],
-    "dcgan-fp32": ["--arch", "dcgan", "--r1-gamma", "1", "--precision", "fp32"],
-    "dcgan-ttur": ["--arch", "dcgan", "--r1-gamma", "1", "--d-lr", "4e-4"],
-    "dcgan-lr-decay": ["--arch", "dcgan", "--r1-gamma", "1", "--lr-decay", "linear"],
-    "dcgan-adam-0-0.99": ["--arch", "dcgan", "--b1", "0", "--b2", "0.99"],  # StyleGAN2's Adam beside lazy R1
+    "dcgan": ["--arch", "dcgan"],  # its preset: self-conditioned on 40 clusters, R1 gamma 1
+    "dcgan-plain": PLAIN_DCGAN,  # without clusters: R1 gamma 8, the trials below (measured before --clusters)
+    "dcgan-r1": [*PLAIN_DCGAN, "--r1-gamma", "1"],
+    "dcgan-r1-gamma0.1": [*PLAIN_DCGAN, "--r1-gamma", "0.1"],
+    "dcgan-r1-gamma2": [*PLAIN_DCGAN, "--r1-gamma", "2"],
+    "dcgan-r1-gamma4": [*PLAIN_DCGAN, "--r1-gamma", "4"],
+    "dcgan-r1-gamma8": [*PLAIN_DCGAN, "--r1-gamma", "8"],
+    "dcgan-r1-gamma16": [*PLAIN_DCGAN, "--r1-gamma", "16"],
+    "dcgan-r1-gamma5": [*PLAIN_DCGAN, "--r1-gamma", "5"],
+    "dcgan-no-r1": [*PLAIN_DCGAN, "--r1-gamma", "0"],
+    "dcgan-fp32": [*PLAIN_DCGAN, "--r1-gamma", "1", "--precision", "fp32"],
+    "dcgan-ttur": [*PLAIN_DCGAN, "--r1-gamma", "1", "--d-lr", "4e-4"],
+    "dcgan-lr-decay": [*PLAIN_DCGAN, "--r1-gamma", "1", "--lr-decay", "linear"],
+    "dcgan-adam-0-0.99": [*PLAIN_DCGAN, "--b1", "0", "--b2", "0.99"],  # StyleGAN2's Adam beside lazy R1
     "wgan-gp": ["--loss", "wgan-gp"],
     "dcgan-wgan-gp": ["--arch", "dcgan", "--loss", "wgan-gp"],
     "conditional-dcgan": ["--arch", "dcgan", "--conditional"],

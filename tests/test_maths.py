@@ -235,8 +235,17 @@ def test_recipes_preset_what_the_readme_says_and_typed_flags_win() -> None:
 
     assert settings() == (1.0, 8, "none")  # lazy R1 at a constant learning rate
     assert settings("--conditional") == (0.0, 8, "none")  # without R1, D keeps the digits apart best
-    assert settings("--arch", "dcgan") == (8.0, 8, "none")  # the DCGAN's best: 8 times the default's R1 (README)
-    assert settings("--arch", "dcgan", "--r1-gamma", "1")[0] == 1.0
+    clusters = lambda *flags: make_nets(*flags)[1].clusters  # noqa: E731
+    assert clusters("--arch", "dcgan") == 40 and settings("--arch", "dcgan") == (1.0, 8, "none")  # its best (README)
+    assert (
+        clusters()
+        == clusters("--arch", "dcgan", "--conditional")
+        == clusters("--arch", "dcgan", "--loss", "wgan-gp")
+        == 0
+    )
+    assert settings("--arch", "dcgan", "--clusters", "0") == (8.0, 8, "none")  # without: 8 times the default's R1
+    assert settings("--arch", "dcgan", "--clusters", "0", "--r1-gamma", "1")[0] == 1.0
+    assert settings("--arch", "dcgan", "--clusters", "20", "--r1-gamma", "2")[0] == 2.0
     assert settings("--arch", "dcgan", "--loss", "wgan-gp")[0] == 0.0  # the gradient penalty replaces R1
     assert settings("--conditional", "--arch", "dcgan") == (1.0, 8, "none")  # its stronger D needs R1 (README)
     assert settings("--conditional", "--arch", "dcgan", "--loss", "wgan-gp")[0] == 0.0  # the penalty instead

@@ -211,7 +211,7 @@ def population_gap(G: gan_mnist.Generator) -> list[float]:
 def test_dcgan_batch_norm_normalises_and_the_ema_samples_with_statistics_of_its_own_weights(
     train, tmp_path: Path
 ) -> None:
-    nets, _ = make_nets("--arch", "dcgan")
+    nets, _ = make_nets("--arch", "dcgan", "--clusters", "0")  # unconditional: with the hidden layer's batch norm
     outputs: list[torch.Tensor] = []
     for m in batch_norms(nets.G):
         m.register_forward_hook(lambda mod, args, out: outputs.append(out.detach().clone()))  # before the ReLU
@@ -222,9 +222,9 @@ def test_dcgan_batch_norm_normalises_and_the_ema_samples_with_statistics_of_its_
         torch.testing.assert_close(out.mean(dim=dims), torch.zeros(out.size(1)), atol=1e-4, rtol=0)
         torch.testing.assert_close(out.var(dim=dims, unbiased=False), torch.ones(out.size(1)), atol=1e-2, rtol=0)
     assert (
-        train("run", "--epochs", "2", "--arch", "dcgan", "--sample-every", "5", "--checkpoint-every", "1").exit_code
-        == 0
-    )
+        train("run", "--epochs", "2", "--arch", "dcgan", "--clusters", "0", "--sample-every", "5",
+              "--checkpoint-every", "1").exit_code == 0
+    )  # fmt: skip
     ckpt, saved = load(tmp_path / "run/checkpoints/last.pt"), load(tmp_path / "run/generator.pt")
     for path in ("generator.pt", "checkpoints/epoch_0001.pt"):  # epoch 1: no grid, no evaluation sampled from it
         G, _ = gan_mnist.load_generator(tmp_path / "run" / path, torch.device("cpu"))
@@ -238,7 +238,7 @@ def test_dcgan_batch_norm_normalises_and_the_ema_samples_with_statistics_of_its_
 
 
 def test_ema_statistics_are_refit_whenever_its_weights_move_and_never_shift_training(data_dir: Path) -> None:
-    nets, _ = make_nets("--arch", "dcgan")
+    nets, _ = make_nets("--arch", "dcgan", "--clusters", "0")
     real = real_batch(data_dir)
     for _ in range(2):
         gan_mnist.train_step(nets, real, None)
@@ -250,7 +250,7 @@ def test_ema_statistics_are_refit_whenever_its_weights_move_and_never_shift_trai
         for (key, a), b in zip(sampler.state_dict().items(), fresh.state_dict().values()):
             assert torch.equal(a, b), f"{key}: the EMA's statistics are not those of its present weights"
     assert all(m.momentum == 0.1 for m in batch_norms(nets.ema))
-    nets_without_ema, _ = make_nets("--arch", "dcgan", "--ema-decay", "0")
+    nets_without_ema, _ = make_nets("--arch", "dcgan", "--clusters", "0", "--ema-decay", "0")
     assert nets_without_ema.sampler() is nets_without_ema.G  # G samples with its own running statistics
 
 
@@ -281,3 +281,64 @@ def test_dcgan_critic_is_the_measured_one() -> None:
     kinds = [type(m).__name__ for m in D.modules() if not isinstance(m, (torch.nn.LeakyReLU, torch.nn.Sequential))]
     assert kinds == ["Discriminator", "Conv2d", "Conv2d", "Flatten", "Linear", "Linear", "Embedding"]
     assert D.head.in_features == D.label_projection.embedding_dim == 256
+
+
+# -- --clusters: the self-conditioned DCGAN (the DCGAN's preset), unconditional to its user --------------------------
+def test_clusters_are_found_without_labels_the_same_each_time_and_purer_than_pixel_kmeans(data_dir: Path) -> None:
+    images, labels = gan_mnist.load_mnist(data_dir)
+    rng = torch.get_rng_state()
+    ids = gan_mnist.digit_clusters(images, 10)
+    assert torch.equal(torch.get_rng_state(), rng)  # streams of its own: training's noise does not move
+    assert torch.equal(gan_mnist.digit_clusters(images, 10), ids) and sorted(ids.unique().tolist()) == list(range(10))
+    purity = sum(int(torch.bincount(labels[ids == k]).max()) for k in range(10)) / len(ids)
+    assert purity > 0.59, purity  # k-means of the pixels: 0.555 here (full MNIST, 40 clusters: 0.95 against 0.785)
+
+
+def test_a_clustered_generator_draws_each_cluster_by_its_share_from_z_alone() -> None:
+    G = gan_mnist.Generator(arch="dcgan", clusters=3).eval()
+    G.cluster_cdf.copy_(torch.tensor([0.5, 0.8, 1.0]))
+    z = torch.randn(200_000, 100, generator=torch.Generator().manual_seed(0))
+    spread, k = G.pick_clusters(z)
+    torch.testing.assert_close(torch.bincount(k) / len(k), torch.tensor([0.5, 0.3, 0.2]), atol=0.005, rtol=0)
+    for j in range(3):  # within a cluster z_0 is again N(0, 1): cluster and noise independent, as in training
+        assert abs(float(spread[k == j, 0].mean())) < 0.02 and abs(float(spread[k == j, 0].std()) - 1) < 0.02
+    assert torch.equal(spread[:, 1:], z[:, 1:]) and G.num_classes == 0  # the commands see an unconditional G
+    torch.testing.assert_close(G(z[:8]), G(spread[:8], k[:8]))
+
+
+def test_a_clustered_run_keeps_its_clusters_and_its_files_sample_by_their_shares(
+    train, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    assert train("run", "--epochs", "1", "--arch", "dcgan", "--subset", "256").exit_code == 0  # --clusters 40 preset
+    last = tmp_path / "run/checkpoints/last.pt"
+    ckpt, saved = load(last), load(tmp_path / "run/generator.pt")
+    ids = ckpt["cluster_ids"]
+    assert ids.dtype == torch.uint8 and len(ids) == 256 and ckpt["config"]["clusters"] == saved["clusters"] == 40
+    shares = torch.bincount(ids.long(), minlength=40).cumsum(0) / 256
+    for state_dict in (ckpt["generator"], ckpt["ema"], saved["state_dict"]):
+        torch.testing.assert_close(state_dict["cluster_cdf"], shares)
+    assert gan_mnist.main(["--resume", str(last), "--epochs", "2", "--clusters", "20", "--quiet"]).exit_code == 1
+    assert "was trained with --clusters 40, not 20" in capsys.readouterr().err  # the clusters define the model
+    monkeypatch.setattr(gan_mnist, "digit_clusters", lambda *args: pytest.fail("a resume found the clusters again"))
+    assert gan_mnist.main(["--resume", str(last), "--epochs", "2", "--threads", "1", "--quiet"]).exit_code == 0
+    assert torch.equal(load(last)["cluster_ids"], ids)
+    damaged = load(last)
+    damaged["cluster_ids"] = ids[:100]
+    torch.save(damaged, tmp_path / "damaged.pt")
+    capsys.readouterr()
+    assert gan_mnist.main(["--resume", str(tmp_path / "damaged.pt"), "--epochs", "3", "--quiet"]).exit_code == 1
+    assert "cluster ids do not fit its 256 training digits" in capsys.readouterr().err
+
+
+def test_files_from_before_clusters_still_load_and_resume(one_epoch_run: Path, tmp_path: Path) -> None:
+    ckpt, saved = load(one_epoch_run / "checkpoints/last.pt"), load(one_epoch_run / "generator.pt")
+    del ckpt["cluster_ids"], ckpt["config"]["clusters"], saved["clusters"]
+    torch.save(ckpt, one_epoch_run / "checkpoints/last.pt")
+    torch.save(saved, one_epoch_run / "generator.pt")
+    out = tmp_path / "digits.png"
+    assert (
+        gan_mnist.main(["generate", "--checkpoint", str(one_epoch_run / "generator.pt"), "--out", str(out)]).exit_code
+        == 0
+    )
+    argv = ["--resume", str(one_epoch_run / "checkpoints/last.pt"), "--epochs", "2", "--threads", "1", "--quiet"]
+    assert gan_mnist.main(argv).exit_code == 0 and load(one_epoch_run / "checkpoints/last.pt")["cluster_ids"] is None
