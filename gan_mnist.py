@@ -170,15 +170,10 @@ def digit_clusters(images: Tensor, k: int, neighbours: int = 10) -> Tensor:
     digit to its 10 nearest in pixel space, the scales self-tuned (Zelnik-Manor & Perona 2004). A digit's nearest
     neighbour is the same digit 97 % of the time, so these clusters are purer than k-means of the pixels (README)."""
     x = images.float().flatten(1) / 255
-    n, sq = len(x), x.square().sum(1)
-    dist, near = np.empty((n, neighbours), np.float32), np.empty((n, neighbours), np.int64)
-    for s in range(0, n, 2000):  # squared distances, 2000 rows at a time (480 MB for 60,000 digits)
-        d = sq[s : s + 2000, None] - 2 * x[s : s + 2000] @ x.T + sq
-        d[torch.arange(len(d)), torch.arange(s, s + len(d))] = math.inf  # not its own neighbour
-        values, indices = d.topk(neighbours, largest=False)
-        dist[s : s + 2000], near[s : s + 2000] = values.clamp_min(0).sqrt().numpy(), indices.numpy()
+    dist, near = (t[:, 1:].numpy() for t in nearest(x, x, neighbours + 1))  # the nearest is the digit itself
     scale = dist[:, -1:]  # a digit's distance to its 10th neighbour: dense and sparse regions alike
     weights = np.exp(-(dist**2) / (scale * scale[near].squeeze(-1) + 1e-8))
+    n = len(x)
     A = scipy.sparse.csr_matrix((weights.ravel(), (np.repeat(np.arange(n), neighbours), near.ravel())), shape=(n, n))
     A = A.maximum(A.T)
     norm = scipy.sparse.diags(1 / np.sqrt(np.asarray(A.sum(1)).ravel()))
@@ -187,7 +182,7 @@ def digit_clusters(images: Tensor, k: int, neighbours: int = 10) -> Tensor:
 
 
 def kmeans(x: Tensor, k: int, iters: int = 30) -> Tensor:
-    """Lloyd's k-means from k-means++ seeds (Arthur & Vassilvitskii 2007), on a stream of its own: the ids."""
+    """Each row's cluster by Lloyd's k-means from k-means++ seeds (Arthur & Vassilvitskii 2007), on its own stream."""
     rng = torch.Generator().manual_seed(0)
     centres = x[torch.randint(len(x), (1,), generator=rng)]
     for _ in range(k - 1):
