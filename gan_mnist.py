@@ -43,8 +43,6 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import numpy as np
-import scipy.sparse
-import scipy.sparse.linalg
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -169,6 +167,8 @@ def digit_clusters(images: Tensor, k: int, neighbours: int = 10) -> Tensor:
     """k clusters of the digits, found without labels: spectral clustering (Ng et al. 2002) of the graph joining each
     digit to its 10 nearest in pixel space, the scales self-tuned (Zelnik-Manor & Perona 2004). A digit's nearest
     neighbour is the same digit 97 % of the time, so these clusters are purer than k-means of the pixels (README)."""
+    import scipy.sparse.linalg  # here, not at the top: 0.13 s that every command's start would pay
+
     x = images.float().flatten(1) / 255
     dist, near = (t[:, 1:].numpy() for t in nearest(x, x, neighbours + 1))  # the nearest is the digit itself
     scale = dist[:, -1:]  # a digit's distance to its 10th neighbour: dense and sparse regions alike
